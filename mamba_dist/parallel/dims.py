@@ -1,0 +1,202 @@
+"""ParallelDims: the one object that owns the parallel degrees (tp x dp) and their process groups.
+
+Ranks are laid out as megatron-core lays them out ("tp-cp-ep-dp-pp" order): the tp ranks of one model replica
+are consecutive global ranks, so under torchrun / the deepspeed launcher a TP group stays inside one node whenever
+tp divides the number of processes per node. The process groups themselves come from megatron-core's
+`parallel_state.initialize_model_parallel`, which runs on CPU/gloo as well as on NCCL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class ParallelLayoutError(ValueError):
+    """An impossible parallel layout; the message is one line naming the offending sizes."""
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+@dataclass
+class ParallelDims:
+    """Parallel degrees. `dp=-1` means "whatever is left": world_size // tp.
+
+    `sequence_parallel` shards the hidden states along the sequence between blocks (needs tp > 1 to matter).
+    Construct with `ParallelDims(tp=2, world_size=4)` or `ParallelDims.from_env(cfg)`, then `.build()` to create
+    the process groups. Sizes are validated in `__post_init__`, before any process group exists.
+    """
+
+    tp: int = 1
+    dp: int = -1
+    sequence_parallel: bool = False
+    world_size: int = 1
+    # filled by build()
+    tp_group: Any = field(default=None, repr=False, compare=False)
+    dp_group: Any = field(default=None, repr=False, compare=False)
+    built: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ParallelLayoutError(f"parallel.tp must be a positive integer, got {self.tp!r}")
+        if self.world_size < 1:
+            raise ParallelLayoutError(f"world size must be >= 1, got {self.world_size}")
+        if self.world_size % self.tp != 0:
+            raise ParallelLayoutError(f"world size {self.world_size} is not divisible by tp={self.tp}")
+        if self.dp == -1:
+            self.dp = self.world_size // self.tp
+        if self.dp < 1 or self.dp * self.tp != self.world_size:
+            raise ParallelLayoutError(
+                f"tp={self.tp} x dp={self.dp} = {self.tp * self.dp} does not equal the world size {self.world_size}")
+        if self.sequence_parallel and self.tp == 1:
+            log.warning("sequence_parallel has no effect at tp=1; disabling it")
+            self.sequence_parallel = False
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_env(cls, cfg: Any = None, **overrides) -> "ParallelDims":
+        """Degrees from a config section (attributes `tp`, `dp`, `sequence_parallel`; any missing take defaults)
+        and the world size from the initialized process group or the launcher's WORLD_SIZE (torchrun, deepspeed,
+        or SLURM_NTASKS under srun)."""
+        vals = {k: getattr(cfg, k) for k in ("tp", "dp", "sequence_parallel") if cfg is not None and hasattr(cfg, k)}
+        vals.update(overrides)
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+        else:
+            world = _env_int("WORLD_SIZE", _env_int("SLURM_NTASKS", 1))
+        return cls(world_size=world, **vals)
+
+    def build(self, backend: Optional[str] = None, timeout_minutes: int = 30) -> "ParallelDims":
+        """Initialize torch.distributed (if the launcher has not) and the megatron-core TP/DP groups.
+
+        With a single process and tp == 1 nothing is initialized: the model runs unchanged.
+        """
+        if self.built:
+            return self
+        if self.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
+            self.built = True
+            return self
+        if not dist.is_initialized():
+            if backend is None:
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if dist.get_world_size() != self.world_size:
+            raise ParallelLayoutError(
+                f"process group has {dist.get_world_size()} ranks but ParallelDims was built for {self.world_size}")
+        local = _env_int("LOCAL_WORLD_SIZE", self.world_size)
+        if self.tp > local:
+            log.warning("tp=%d spans more than one node (%d processes per node): TP collectives cross the network",
+                        self.tp, local)
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        # gloo duplicates of the groups are only used by megatron's own distributed optimizer, which we don't use.
+        ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, create_gloo_process_groups=False,
+                                     distributed_timeout_minutes=timeout_minutes)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.built = True
+        return self
+
+    def destroy(self) -> None:
+        """Tear down groups and the process group. The barrier first keeps ranks from exiting while a peer is
+        still inside a collective (gloo ranks sometimes abort otherwise)."""
+        if dist.is_available() and dist.is_initialized():
+            from megatron.core import parallel_state as ps
+
+            dist.barrier()
+            if ps.model_parallel_is_initialized():
+                ps.destroy_model_parallel()
+            dist.destroy_process_group()
+        self.tp_group = self.dp_group = None
+        self.built = False
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def distributed(self) -> bool:
+        return self.tp_group is not None
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.distributed else 0
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp_group) if self.distributed else 0
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.dp_group) if self.distributed else 0
+
+    # ---------------------------------------------------------------- model layout checks
+    def check_model(self, model_config: Any) -> None:
+        """Raise a one-line ParallelLayoutError if `model_config` (a MambaConfig or its dict) cannot be split
+        over tp ranks. Callable before any process group exists (the trainer's config validation)."""
+        check_model_layout(model_config, self.tp)
+
+
+def _cfg_get(cfg: Any, key: str, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def check_model_layout(model_config: Any, tp: int) -> None:
+    """Divisibility rules for tensor parallelism, from the model config alone (mamba_ssm defaults for missing
+    ssm_cfg keys). The TP code re-checks the same rules on the built mixers' attributes."""
+    if tp == 1:
+        return
+    d_model = _cfg_get(model_config, "d_model")
+    vocab = _cfg_get(model_config, "vocab_size")
+    mult = _cfg_get(model_config, "pad_vocab_size_multiple", 8) or 1
+    padded = vocab + (-vocab % mult)
+    if padded % tp:
+        raise ParallelLayoutError(
+            f"padded vocab size {padded} is not divisible by tp={tp}; set pad_vocab_size_multiple to a multiple of {tp}")
+    ssm = dict(_cfg_get(model_config, "ssm_cfg", None) or {})
+    layer = ssm.get("layer", "Mamba1")
+    expand = ssm.get("expand", 2)
+    d_inner = expand * d_model
+    if layer == "Mamba1":
+        check_mamba1_tp(d_inner, tp)
+    elif layer == "Mamba2":
+        headdim = ssm.get("headdim", 64)
+        ngroups = ssm.get("ngroups", 1)
+        d_ssm = ssm.get("d_ssm") or d_inner
+        check_mamba2_tp(d_ssm, d_ssm // headdim, ngroups, tp)
+    else:
+        raise ParallelLayoutError(f"ssm_cfg.layer={layer!r} is not Mamba1 or Mamba2")
+    if _cfg_get(model_config, "attn_layer_idx", None):
+        raise ParallelLayoutError("tensor parallelism of attention layers (attn_layer_idx) is not implemented")
+
+
+def check_mamba1_tp(d_inner: int, tp: int) -> None:
+    if d_inner % tp:
+        raise ParallelLayoutError(f"tp={tp} does not divide Mamba-1 d_inner={d_inner}")
+
+
+def check_mamba2_tp(d_ssm: int, nheads: int, ngroups: int, tp: int) -> None:
+    if ngroups % tp:
+        raise ParallelLayoutError(f"tp={tp} does not divide Mamba-2 ngroups={ngroups}")
+    if nheads % tp:
+        raise ParallelLayoutError(f"tp={tp} does not divide Mamba-2 nheads={nheads}")
+    if d_ssm % tp:
+        raise ParallelLayoutError(f"tp={tp} does not divide Mamba-2 d_ssm={d_ssm}")
