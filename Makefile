@@ -1,0 +1,44 @@
+# mamba-dist: the two commands.
+#   make demo   venv + install + prepare the built-in corpus + train the tiny model on CPU (a few minutes)
+#   make test   venv + test dependencies + pytest
+# The venv is .venv (created if missing). torch==2.13.0 is installed FIRST, on its own: the package's
+# dependency range admits it, so nothing installed afterwards pulls a different (multi-GB CUDA) torch.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+TORCH      ?= torch==2.13.0
+DEMO_DATA  ?= data/prepared/demo-byte-256
+DEMO_RUN   ?= runs/demo
+DEMO_ARGS  ?=
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(TORCH) -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q $(TORCH) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(DEMO_DATA)/manifest.json: | $(VENV)/.installed
+	$(BIN)/mamba-dist prepare builtin --out $(DEMO_DATA) --tokenizer byte --seq-len 256 --overwrite
+
+demo: $(VENV)/.installed $(DEMO_DATA)/manifest.json
+	rm -rf $(DEMO_RUN)
+	$(BIN)/mamba-dist train --config configs/tiny.yaml data.path=$(DEMO_DATA) logging.run_dir=$(DEMO_RUN) $(DEMO_ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_RUN) $(DEMO_DATA)

@@ -1,0 +1,449 @@
+"""Train a Mamba LM: the one training loop.
+
+Run:
+    mamba-dist train --config configs/tiny.yaml [key=value ...]
+    python -m mamba_dist.train --config configs/tiny.yaml train.max_steps=200 optim.lr=1e-3
+    torchrun --nproc_per_node 8 -m mamba_dist.train --config configs/mamba-130m.yaml data.path=/data/pile
+    torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:29500 --nproc_per_node 8 -m mamba_dist.train ...
+
+One process, or one per device under torchrun: data parallel through torch DDP (gloo on CPU, nccl on GPU).
+Configuration is defaults <- YAML <- key=value overrides (mamba_dist/config.py); the resolved config is written to
+<logging.run_dir>/config.yaml, metrics to <run_dir>/metrics.jsonl and <run_dir>/tensorboard, checkpoints to
+<run_dir>/checkpoints (checkpoint.dir). `checkpoint.resume=auto` (default) continues from the latest complete
+checkpoint there, bit-exactly on CPU.
+
+The parallel-specific steps are the small functions `parallelize_model`, `build_optimizer`, `backward`,
+`optimizer_step`, `save_model_and_optimizer` and `load_model_and_optimizer`: a DeepSpeed engine path goes beside
+the plain torch path in each of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from mamba_dist import checkpoint as ckpt
+from mamba_dist.config import Config, ConfigError, Derived, load_config, save_config, validate_runtime
+from mamba_dist.metrics import MetricsLogger, measure_cpu_matmul_flops, memory_gb, read_jsonl
+from mamba_dist.model.flops import flops_per_token, peak_flops_for
+
+log = logging.getLogger("mamba_dist.train")
+
+
+# ============================================================================================ setup (no process group)
+def prepare_config(config_path: Optional[str], overrides: list[str], world_size: int) -> tuple[Config, Derived]:
+    """Load and validate everything that can be checked before a process group exists: the config, the launch
+    size, the prepared data's manifest and the parallel layout. Raises ConfigError (one line, naming the field)."""
+    cfg = load_config(config_path, overrides)
+    derived = validate_runtime(cfg, world_size)
+    _check_data(cfg)
+    from mamba_dist.parallel.dims import ParallelLayoutError, check_model_layout
+
+    try:
+        check_model_layout(cfg.model.mamba_config_dict(), cfg.parallel.tp)
+    except ParallelLayoutError as e:
+        raise ConfigError(f"parallel.tp: {e}") from None
+    if cfg.parallel.tp > 1 or cfg.parallel.zero_stage > 0:
+        # The TP model transform and the DeepSpeed engine exist in mamba_dist/parallel (issue 6) but are not yet
+        # wired into this loop; fail clearly instead of silently training without them.
+        raise ConfigError("parallel.tp / parallel.zero_stage: tensor parallelism and DeepSpeed ZeRO are not wired "
+                          "into the trainer yet; use parallel.tp=1 parallel.zero_stage=0 (DDP)")
+    return cfg, derived
+
+
+def _check_data(cfg: Config) -> None:
+    from mamba_dist.data.loader import ManifestError, read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except ManifestError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    if manifest["seq_len"] != cfg.data.seq_len:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} but {cfg.data.path} was prepared with seq_len="
+                          f"{manifest['seq_len']} (set data.seq_len={manifest['seq_len']} or re-run prepare)")
+    vocab = manifest["tokenizer"].get("vocab_size", 0)
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the data's "
+                          f"tokenizer {manifest['tokenizer'].get('name')!r} ({vocab})")
+
+
+def _setup_torch(cfg: Config) -> torch.device:
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but torch sees no GPU")
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic mode
+        torch.use_deterministic_algorithms(True, warn_only=use_cuda)
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ============================================================================================ parallel hooks
+def parallelize_model(model: torch.nn.Module, dims, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """Activation recomputation, then the data-parallel wrapper. Returns the module to call in the loop."""
+    from mamba_dist.parallel.ac import apply_ac
+
+    apply_ac(model, cfg.train.ac_fraction)
+    model.to(device)
+    if dims.distributed and dims.dp > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    process_group=dims.dp_group, broadcast_buffers=False)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with weight decay on every parameter except the model's no_weight_decay() set."""
+    from mamba_dist.parallel.zero import adamw_param_groups
+
+    groups = adamw_param_groups(unwrap(model), cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Multiplier of optim.lr at optimizer step s (0-based): linear warmup, then decay to min_lr_ratio."""
+    warmup, floor, kind = cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio, cfg.schedule.decay
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, total_steps - warmup))
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return floor + (1.0 - floor) * (1.0 - progress)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def no_sync(model: torch.nn.Module, sync: bool):
+    """DDP skips the gradient all-reduce on non-final micro-batches of an accumulation."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def backward(model: torch.nn.Module, loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
+                   dims) -> tuple[torch.Tensor, bool]:
+    """Clip, step, advance the schedule. Returns (grad norm before clipping, whether the step was applied): a
+    non-finite gradient norm skips the update (and is logged) rather than poisoning the weights."""
+    from mamba_dist.parallel.loss import clip_grad_norm_
+
+    norm = clip_grad_norm_(list(unwrap(model).parameters()), cfg.optim.grad_clip, dims)
+    applied = bool(torch.isfinite(norm))
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return norm, applied
+
+
+def _model_files(dims) -> tuple[str, str]:
+    if dims.tp > 1:  # each TP rank holds a different shard
+        return f"model-tp{dims.tp_rank:02d}.pt", f"optim-tp{dims.tp_rank:02d}.pt"
+    return "model.pt", "optim.pt"
+
+
+def save_model_and_optimizer(tmp_dir: str, model, optimizer, scheduler, dims) -> None:
+    """Plain torch: every DP replica holds the same state, so DP rank 0 (of each TP rank) writes it."""
+    if dims.dp_rank != 0:
+        return
+    model_file, optim_file = _model_files(dims)
+    ckpt.save_file(unwrap(model).state_dict(), os.path.join(tmp_dir, model_file))
+    ckpt.fault_point("checkpoint_mid_write")
+    ckpt.save_file({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(tmp_dir, optim_file))
+
+
+def load_model_and_optimizer(path: str, model, optimizer, scheduler, dims) -> None:
+    model_file, optim_file = _model_files(dims)
+    ckpt.load_state_dict_strict(unwrap(model), ckpt.load_file(path, model_file), path)
+    state = ckpt.load_file(path, optim_file)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {path} does not fit the optimizer: {e}") from None
+
+
+# ============================================================================================ the loop
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens consumed (all ranks)
+    skipped: int = 0  # steps skipped for a non-finite gradient norm
+
+
+def _forever(loader) -> Iterator[dict]:
+    """The loader's batches across epochs (it moves to the next epoch by itself at the end of one)."""
+    while True:
+        yield from loader
+
+
+def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nb = device.type == "cuda"
+    return (batch["input_ids"].to(device, non_blocking=nb), batch["labels"].to(device, non_blocking=nb),
+            batch["seq_idx"].to(device, non_blocking=nb))
+
+
+def _mean_over_ranks(x: torch.Tensor, dims) -> float:
+    if dims.distributed and dims.dp > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, group=dims.dp_group)
+        x /= dims.dp
+    return x.item()
+
+
+@torch.no_grad()
+def evaluate(model, loader, start_state: dict, n_batches: int, cfg: Config, dims, device, autocast) -> float:
+    """Mean validation loss over the same first `n_batches` batches of the val split every time."""
+    from mamba_dist.parallel.loss import loss_fn
+
+    model.eval()
+    loader.load_state_dict(start_state)
+    total = torch.zeros((), device=device)
+    n = 0
+    for batch in loader:
+        ids, labels, seq_idx = _to_device(batch, device)
+        with autocast():
+            logits = model(ids, seq_idx=seq_idx)
+        total += loss_fn(logits, labels, dims).float()
+        n += 1
+        if n >= n_batches:
+            break
+    model.train()
+    return _mean_over_ranks(total / max(n, 1), dims)
+
+
+def _peak_flops(cfg: Config, device: torch.device) -> Optional[float]:
+    if cfg.logging.peak_flops > 0:
+        return cfg.logging.peak_flops
+    if device.type == "cuda":
+        peak = peak_flops_for(torch.cuda.get_device_name(device), cfg.precision.dtype)
+        if peak is None:
+            log.warning("no peak FLOP/s known for %s: set logging.peak_flops to log MFU",
+                        torch.cuda.get_device_name(device))
+        return peak
+    return measure_cpu_matmul_flops()
+
+
+def train(cfg: Config, derived: Derived) -> dict:
+    """Run training to the end; returns a summary (first/last validation loss, steps, paths)."""
+    from mamba_dist.data import build_loader
+    from mamba_dist.model import MambaLMHeadModel
+    from mamba_dist.parallel.dims import ParallelDims
+    from mamba_dist.parallel.loss import loss_fn
+
+    device = _setup_torch(cfg)
+    backend = None if cfg.parallel.dist_backend == "auto" else cfg.parallel.dist_backend
+    dims = ParallelDims.from_env(cfg.parallel).build(backend=backend)
+    rank0 = dims.rank == 0
+    run_dir, ckpt_dir = cfg.logging.run_dir, cfg.checkpoint_dir
+    metrics = None
+    try:
+        if rank0:
+            save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        _seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+        model = MambaLMHeadModel(cfg.model.to_mamba_config(), backend=cfg.model.backend)
+        n_params = sum(p.numel() for p in model.parameters())
+        flops = flops_per_token(cfg.model.mamba_config_dict(), cfg.data.seq_len)
+        n_recomputed = int(round(cfg.train.ac_fraction * cfg.model.n_layer))
+        model = parallelize_model(model, dims, cfg, device)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, derived.total_steps))
+        amp = cfg.precision.dtype == "bf16"
+
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+        loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
+                         dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.seed, tokenizer=cfg.data.tokenizer,
+                         skip_corrupt=cfg.data.skip_corrupt)
+        train_loader = build_loader(cfg.data.path, "train", num_workers=cfg.data.num_workers, **loader_kw)
+        val_loader = build_loader(cfg.data.path, "val", num_workers=0, **loader_kw) if cfg.train.val_batches else None
+        val_start = val_loader.state_dict() if val_loader is not None else None
+
+        prog = Progress()
+        resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
+        if resume_from is not None:
+            meta = ckpt.read_meta(resume_from)
+            ckpt.check_compatible(resume_from, meta, cfg.to_dict(), derived.world_size)
+            load_model_and_optimizer(resume_from, model, optimizer, scheduler, dims)
+            rank_state = ckpt.load_rank_state(resume_from, dims.rank)
+            train_loader.load_state_dict(rank_state["loader"])
+            ckpt.set_rng_state(rank_state["rng"])
+            prog = Progress(step=meta["step"], tokens=meta["tokens"], skipped=meta.get("skipped", 0))
+
+        metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.jsonl, enabled=rank0)
+        peak = _peak_flops(cfg, device) if rank0 else None
+        if rank0:
+            log.info("model: %s, %.2fM parameters, backend %s; %d ranks (dp %d, tp %d), grad accumulation %d, "
+                     "%d steps of %d tokens; %.3g training GFLOPs/token", cfg.model.mixer, n_params / 1e6,
+                     getattr(unwrap(model), "backend", "?"), derived.world_size, dims.dp, dims.tp,
+                     derived.grad_accum, derived.total_steps, cfg.train.global_batch_tokens, flops.train() / 1e9)
+            if resume_from:
+                log.info("resumed from %s (step %d, %d tokens)", resume_from, prog.step, prog.tokens)
+                metrics.event(prog.step, "resume", checkpoint=resume_from)
+
+        def validate():
+            if val_loader is None:
+                return None
+            v = evaluate(model, val_loader, val_start, cfg.train.val_batches, cfg, dims, device, autocast)
+            metrics.log(prog.step, "val", {"val_loss": v})
+            return v
+
+        def save():
+            tmp = ckpt.begin_save(ckpt_dir, prog.step, dims.rank, barrier)
+            save_model_and_optimizer(tmp, model, optimizer, scheduler, dims)
+            ckpt.save_rank_state(tmp, dims.rank, train_loader.state_dict())
+            meta = {"tokens": prog.tokens, "skipped": prog.skipped, "world_size": derived.world_size,
+                    "config": cfg.to_dict()}
+            path = ckpt.commit_save(ckpt_dir, tmp, prog.step, meta, dims.rank, barrier, cfg.checkpoint.keep_last)
+            metrics.event(prog.step, "checkpoint", path=path)
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=derived.total_steps, initial=prog.step, unit="step", dynamic_ncols=True,
+                   disable=not (rank0 and cfg.logging.progress), desc="train")
+        last_val = validate() if prog.step == 0 else None
+        batches = _forever(train_loader)
+        model.train()
+        while prog.step < derived.total_steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(derived.grad_accum):
+                ids, labels, seq_idx = _to_device(next(batches), device)
+                with no_sync(model, sync=micro == derived.grad_accum - 1):
+                    with autocast():
+                        logits = model(ids, seq_idx=seq_idx)
+                    loss = loss_fn(logits, labels, dims)
+                    backward(model, loss / derived.grad_accum)
+                loss_sum += loss.detach().float()
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm, applied = optimizer_step(model, optimizer, scheduler, cfg, dims)
+            prog.step += 1
+            prog.tokens += cfg.train.global_batch_tokens
+            prog.skipped += not applied
+            if not applied:
+                log.warning("step %d: non-finite gradient norm (%s); update skipped", prog.step, grad_norm.item())
+            loss_val = _mean_over_ranks(loss_sum / derived.grad_accum, dims)
+            dt = time.perf_counter() - t0
+            tok_s = cfg.train.global_batch_tokens / dt
+            if rank0 and (prog.step % cfg.logging.log_every == 0 or prog.step == derived.total_steps):
+                rec = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": prog.tokens,
+                       "tokens_per_s": tok_s, "step_time_s": dt, **memory_gb(device)}
+                if peak:
+                    rec["mfu"] = flops.train() * tok_s / (peak * derived.world_size)
+                    rec["hfu"] = flops.hardware(n_recomputed) * tok_s / (peak * derived.world_size)
+                metrics.log(prog.step, "train", rec)
+            ckpt.fault_point(f"after_step_{prog.step}")
+            end = prog.step == derived.total_steps
+            if (cfg.train.val_every and prog.step % cfg.train.val_every == 0) or end:
+                last_val = validate()
+            if (cfg.checkpoint.every and prog.step % cfg.checkpoint.every == 0) or end:
+                save()
+            bar.set_postfix_str(f"loss {loss_val:.4f}" + (f" val {last_val:.4f}" if last_val is not None else "")
+                                + f" {tok_s:,.0f} tok/s", refresh=False)
+            bar.update(1)
+        bar.close()
+        summary = {"run_dir": run_dir, "steps": prog.step, "tokens": prog.tokens, "checkpoint_dir": ckpt_dir,
+                   "tensorboard": metrics.tb_dir if cfg.logging.tensorboard else None}
+        if rank0 and cfg.logging.jsonl:
+            vals = read_jsonl(metrics.jsonl_path, "val")
+            if vals:
+                summary.update(first_val=(vals[0]["step"], vals[0]["val_loss"]),
+                               last_val=(vals[-1]["step"], vals[-1]["val_loss"]))
+        return summary
+    finally:
+        if metrics is not None:
+            metrics.close()
+        dims.destroy()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ============================================================================================ entry point
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input (config, data, checkpoint), reported as one line without a traceback."""
+    from mamba_dist.data.loader import ManifestError, ShardError
+    from mamba_dist.data.tokenizer import TokenizerError
+    from mamba_dist.parallel.dims import ParallelLayoutError
+
+    return (ConfigError, ckpt.CheckpointError, ManifestError, ShardError, TokenizerError, ParallelLayoutError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mamba-dist train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="overrides are dotted config keys, e.g. optim.lr=3e-4 train.max_steps=1000 "
+                                       "model.ssm_cfg.d_state=32 checkpoint.resume=none")
+    p.add_argument("--config", "-c", default=None, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the YAML")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    user_errors = _user_errors()
+    try:
+        cfg, derived = prepare_config(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", 1)))
+        summary = train(cfg, derived)
+    except user_errors as e:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"mamba-dist train: error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; run dir {summary['run_dir']}")
+        if "first_val" in summary:
+            (s0, v0), (s1, v1) = summary["first_val"], summary["last_val"]
+            print(f"validation loss: first {v0:.4f} (step {s0}), last {v1:.4f} (step {s1})")
+        if summary["tensorboard"]:
+            print(f"TensorBoard logs: {summary['tensorboard']}  (view: tensorboard --logdir {summary['tensorboard']})")
+        print(f"checkpoints: {summary['checkpoint_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
