@@ -140,7 +140,7 @@ def commit_save(ckpt_dir: str, tmp: str, step: int, meta: dict, rank: int, barri
         meta = {**meta, "format": FORMAT_VERSION, "step": step, "files": files, "saved_at": time.time()}
         _write_json(meta, os.path.join(tmp, META))
         _fsync_dir(tmp)
-        fault_point("checkpoint_before_rename")
+        fault_point(f"checkpoint_before_rename_{step}")
         if os.path.exists(final):  # re-saving a step (e.g. a resumed run that saves the same step again)
             trash = os.path.join(ckpt_dir, ".trash-" + step_dir_name(step))
             os.rename(final, trash)

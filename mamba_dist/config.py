@@ -108,7 +108,8 @@ class TrainConfig:
     max_tokens: int = 0  # or after this many training tokens (0: no token limit); at least one must be set
     ac_fraction: float = 0.0  # fraction of layers (the first ones) whose activations are recomputed in backward
     val_every: int = 0  # validate every N steps (0: only at the start and the end)
-    val_batches: int = 8  # micro-batches per rank per validation
+    val_tokens: int = 65536  # validation tokens per evaluation, all ranks together (0: no validation); the same
+    #                          rows for any number of ranks when it is a multiple of micro_batch_size*seq_len*dp
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
     deterministic: bool = True  # torch.use_deterministic_algorithms (cheap on CPU; bit-exact resume relies on it)
@@ -405,7 +406,7 @@ def validate_config(cfg: Config) -> None:
            "set train.max_steps or train.max_tokens (both are 0, so training would never stop)")
     _check(0.0 <= t.ac_fraction <= 1.0, "train.ac_fraction", f"must be in [0, 1], got {t.ac_fraction}")
     _check(t.val_every >= 0, "train.val_every", f"must be >= 0, got {t.val_every}")
-    _check(t.val_batches >= 0, "train.val_batches", f"must be >= 0, got {t.val_batches}")
+    _check(t.val_tokens >= 0, "train.val_tokens", f"must be >= 0, got {t.val_tokens}")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
 
@@ -438,6 +439,7 @@ class Derived:
     grad_accum: int
     tokens_per_micro_batch: int  # per rank
     total_steps: int
+    val_batches: int  # per rank per evaluation
 
 
 def validate_runtime(cfg: Config, world_size: int) -> Derived:
@@ -458,4 +460,4 @@ def validate_runtime(cfg: Config, world_size: int) -> Derived:
     _check(cfg.schedule.warmup_steps <= total, "schedule.warmup_steps",
            f"{cfg.schedule.warmup_steps} exceeds the number of training steps ({total})")
     return Derived(world_size=world_size, dp_size=dp, grad_accum=accum, tokens_per_micro_batch=per_micro,
-                   total_steps=total)
+                   total_steps=total, val_batches=-(-t.val_tokens // denom))

@@ -27,6 +27,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -47,22 +48,22 @@ def prepare_config(config_path: Optional[str], overrides: list[str], world_size:
     size, the prepared data's manifest and the parallel layout. Raises ConfigError (one line, naming the field)."""
     cfg = load_config(config_path, overrides)
     derived = validate_runtime(cfg, world_size)
-    _check_data(cfg)
+    _check_data(cfg, derived.dp_size)
     from mamba_dist.parallel.dims import ParallelLayoutError, check_model_layout
 
     try:
         check_model_layout(cfg.model.mamba_config_dict(), cfg.parallel.tp)
     except ParallelLayoutError as e:
         raise ConfigError(f"parallel.tp: {e}") from None
-    if cfg.parallel.tp > 1 or cfg.parallel.zero_stage > 0:
-        # The TP model transform and the DeepSpeed engine exist in mamba_dist/parallel (issue 6) but are not yet
-        # wired into this loop; fail clearly instead of silently training without them.
-        raise ConfigError("parallel.tp / parallel.zero_stage: tensor parallelism and DeepSpeed ZeRO are not wired "
-                          "into the trainer yet; use parallel.tp=1 parallel.zero_stage=0 (DDP)")
+    if cfg.parallel.zero_stage > 0:
+        # The DeepSpeed engine exists in mamba_dist/parallel/zero.py (issue 6) but is not yet wired into this
+        # loop's hooks; fail clearly instead of silently training without it.
+        raise ConfigError("parallel.zero_stage: DeepSpeed ZeRO is not wired into the trainer yet; use "
+                          "parallel.zero_stage=0 (DDP)")
     return cfg, derived
 
 
-def _check_data(cfg: Config) -> None:
+def _check_data(cfg: Config, dp_size: int) -> None:
     from mamba_dist.data.loader import ManifestError, read_manifest
 
     try:
@@ -76,6 +77,11 @@ def _check_data(cfg: Config) -> None:
     if vocab > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the data's "
                           f"tokenizer {manifest['tokenizer'].get('name')!r} ({vocab})")
+    need = cfg.train.micro_batch_size * max(1, dp_size)
+    if cfg.train.val_tokens and manifest["splits"].get("val", {}).get("rows", 0) < need:
+        raise ConfigError(f"train.val_tokens: the val split of {cfg.data.path} has "
+                          f"{manifest['splits'].get('val', {}).get('rows', 0)} rows, fewer than one batch ({need}); "
+                          f"set train.val_tokens=0 or prepare with a larger --val-fraction")
 
 
 def _setup_torch(cfg: Config) -> torch.device:
@@ -102,21 +108,17 @@ def _seed_everything(seed: int) -> None:
 
 # ============================================================================================ parallel hooks
 def parallelize_model(model: torch.nn.Module, dims, cfg: Config, device: torch.device) -> torch.nn.Module:
-    """Activation recomputation, then the data-parallel wrapper. Returns the module to call in the loop."""
-    from mamba_dist.parallel.ac import apply_ac
+    """Tensor/sequence parallelism, activation recomputation and the DDP wrapper (mamba_dist.parallel's
+    `parallelize`). Returns the module to call in the loop."""
+    from mamba_dist.parallel import parallelize
 
-    apply_ac(model, cfg.train.ac_fraction)
-    model.to(device)
-    if dims.distributed and dims.dp > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    process_group=dims.dp_group, broadcast_buffers=False)
-    return model
+    return parallelize(model.to(device), dims, cfg)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    from mamba_dist.parallel import unwrap as _unwrap
+
+    return _unwrap(model)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -182,7 +184,6 @@ def save_model_and_optimizer(tmp_dir: str, model, optimizer, scheduler, dims) ->
         return
     model_file, optim_file = _model_files(dims)
     ckpt.save_file(unwrap(model).state_dict(), os.path.join(tmp_dir, model_file))
-    ckpt.fault_point("checkpoint_mid_write")
     ckpt.save_file({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    os.path.join(tmp_dir, optim_file))
 
@@ -265,6 +266,7 @@ def train(cfg: Config, derived: Derived) -> dict:
     """Run training to the end; returns a summary (first/last validation loss, steps, paths)."""
     from mamba_dist.data import build_loader
     from mamba_dist.model import MambaLMHeadModel
+    from mamba_dist.parallel.ac import selected_layers
     from mamba_dist.parallel.dims import ParallelDims
     from mamba_dist.parallel.loss import loss_fn
 
@@ -281,7 +283,7 @@ def train(cfg: Config, derived: Derived) -> dict:
         model = MambaLMHeadModel(cfg.model.to_mamba_config(), backend=cfg.model.backend)
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(cfg.model.mamba_config_dict(), cfg.data.seq_len)
-        n_recomputed = int(round(cfg.train.ac_fraction * cfg.model.n_layer))
+        n_recomputed = len(selected_layers(cfg.model.n_layer, cfg.train.ac_fraction))
         model = parallelize_model(model, dims, cfg, device)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, derived.total_steps))
@@ -294,7 +296,7 @@ def train(cfg: Config, derived: Derived) -> dict:
                          dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.seed, tokenizer=cfg.data.tokenizer,
                          skip_corrupt=cfg.data.skip_corrupt)
         train_loader = build_loader(cfg.data.path, "train", num_workers=cfg.data.num_workers, **loader_kw)
-        val_loader = build_loader(cfg.data.path, "val", num_workers=0, **loader_kw) if cfg.train.val_batches else None
+        val_loader = build_loader(cfg.data.path, "val", num_workers=0, **loader_kw) if derived.val_batches else None
         val_start = val_loader.state_dict() if val_loader is not None else None
 
         prog = Progress()
@@ -322,13 +324,14 @@ def train(cfg: Config, derived: Derived) -> dict:
         def validate():
             if val_loader is None:
                 return None
-            v = evaluate(model, val_loader, val_start, cfg.train.val_batches, cfg, dims, device, autocast)
+            v = evaluate(model, val_loader, val_start, derived.val_batches, cfg, dims, device, autocast)
             metrics.log(prog.step, "val", {"val_loss": v})
             return v
 
         def save():
             tmp = ckpt.begin_save(ckpt_dir, prog.step, dims.rank, barrier)
             save_model_and_optimizer(tmp, model, optimizer, scheduler, dims)
+            ckpt.fault_point(f"checkpoint_write_{prog.step}")  # crash tests: model saved, rest not yet
             ckpt.save_rank_state(tmp, dims.rank, train_loader.state_dict())
             meta = {"tokens": prog.tokens, "skipped": prog.skipped, "world_size": derived.world_size,
                     "config": cfg.to_dict()}
@@ -411,6 +414,18 @@ def _user_errors() -> tuple:
     return (ConfigError, ckpt.CheckpointError, ManifestError, ShardError, TokenizerError, ParallelLayoutError)
 
 
+def _setup_logging(rank: int) -> None:
+    """Our INFO messages on rank 0 only; other libraries stay at their (WARNING) default."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S"))
+    pkg = logging.getLogger("mamba_dist")
+    pkg.handlers[:] = [handler]
+    pkg.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    pkg.propagate = False
+    # megatron-core warns at import that optional CUDA extensions are absent; irrelevant to this loop.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mamba-dist train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -424,8 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    _setup_logging(rank)
     user_errors = _user_errors()
     try:
         cfg, derived = prepare_config(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", 1)))

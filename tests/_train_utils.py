@@ -1,0 +1,76 @@
+"""Helpers for the end-to-end trainer tests: a tiny prepared dataset and `mamba-dist train` run as a real
+subprocess (one process, or 2 gloo ranks under torchrun)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mamba_dist.metrics import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 64
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_data() -> str:
+    """Python's pydoc topics (no download), byte tokenizer, rows of 64 tokens: ~7k train rows, ~170 val rows.
+    Prepared once per test process."""
+    from mamba_dist.data.prepare import prepare
+
+    out = Path(tempfile.mkdtemp(prefix="mamba-dist-test-data-")) / "pydoc-byte-64"
+    prepare(["builtin:pydoc"], out, tokenizer="byte", seq_len=SEQ, val_fraction=0.1, workers=0, progress=False)
+    return str(out)
+
+
+def tiny_args(run_dir, **over) -> list[str]:
+    """Overrides for a ~0.1M-parameter Mamba-1 on the tiny data: 16 rows x 64 tokens per step (4 micro-batches
+    of 4 on one process, 2 per rank on two)."""
+    args = {
+        "model.mixer": "Mamba1", "model.d_model": 32, "model.n_layer": 2, "model.vocab_size": 257,
+        "model.ssm_cfg": "{d_state: 8}", "model.backend": "reference",
+        "data.path": tiny_data(), "data.seq_len": SEQ, "data.tokenizer": "byte", "data.num_workers": 0,
+        "optim.lr": "3e-3", "schedule.warmup_steps": 2,
+        "train.global_batch_tokens": 16 * SEQ, "train.micro_batch_size": 4, "train.max_steps": 6,
+        "train.val_every": 3, "train.val_tokens": 2 * 4 * SEQ, "train.threads": 1,
+        "checkpoint.every": 2, "checkpoint.keep_last": 0,
+        "logging.run_dir": str(run_dir), "logging.progress": "false", "logging.tensorboard": "false",
+    }
+    args.update(over)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300,
+              config: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m mamba_dist.train` (nproc=1) or torchrun --standalone --nproc_per_node nproc."""
+    launcher = [sys.executable, "-m", "mamba_dist.train"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "mamba_dist.train"]
+    if config:
+        launcher += ["--config", config]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(launcher + args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def losses(run_dir, kind: str = "train", key: str = "loss") -> dict[int, float]:
+    """step -> value from metrics.jsonl; a step logged twice (re-run after a resume) keeps its last value."""
+    return {r["step"]: r[key] for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"), kind)}
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line a failed run printed on stderr (asserts it is exactly one line)."""
+    assert proc.returncode == 2, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr}"
+    assert lines[0].startswith("mamba-dist train: error: "), lines[0]
+    return lines[0]
