@@ -18,7 +18,8 @@ import importlib
 _EXPORTS = {
     "ParallelDims": "dims", "ParallelLayoutError": "dims", "check_model_layout": "dims",
     "parallelize": "parallelize",
-    "apply_tp": "tp", "check_tp_layout": "tp", "full_state_dict": "tp", "load_full_state_dict": "tp",
+    "apply_tp": "tp", "check_tp_layout": "tp", "full_state_dict": "tp", "full_grad_dict": "tp",
+    "load_full_state_dict": "tp",
     "unwrap": "tp",
     "apply_ac": "ac", "selected_layers": "ac",
     "loss_fn": "loss", "clip_grad_norm_": "loss", "grad_norm": "loss", "gather_tp_tensor": "loss",

@@ -80,6 +80,15 @@ def _copy_param(dst: Optional[nn.Parameter], src: Optional[torch.Tensor]) -> Non
         dst.copy_(src.to(dst.dtype))
 
 
+def _linear_off_cuda(module, input, weight, bias=None, allreduce_dgrad=False, **_):
+    """megatron's linear autograd function declares custom_fwd/custom_bwd for device_type='cuda' only, so under
+    CPU autocast its backward multiplies a bf16 gradient by the fp32 weight and fails. Off CUDA the same math
+    (matmul, plus the input-gradient all-reduce when asked) runs through F.linear and megatron's mapping."""
+    if allreduce_dgrad:
+        input = copy_to_tp(input, module.tp_group)
+    return torch.nn.functional.linear(input, weight, bias)
+
+
 # --------------------------------------------------------------------------------------------- modules
 
 
@@ -112,6 +121,11 @@ class ColumnParallel(ColumnParallelLinear):
             for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
                 delattr(self.bias, attr)
             mark_tp(self.bias, 0, self.segments)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if input.is_cuda:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return _linear_off_cuda(self, input, weight, *args, **kwargs)
 
     def load_full_(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         r, w = self.tp_group.rank(), self.tp_group.size()
@@ -149,6 +163,11 @@ class RowParallel(RowParallelLinear):
         self.segments = tuple(segments) if segments is not None else (in_features,)
         self.in_features, self.out_features = self.input_size_per_partition, out_features
         mark_tp(self.weight, 1, self.segments)
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if input.is_cuda:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return _linear_off_cuda(self, input, weight, *args, **kwargs)
 
     def load_full_(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         r, w = self.tp_group.rank(), self.tp_group.size()

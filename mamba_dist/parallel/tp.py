@@ -275,5 +275,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["apply_tp", "check_tp_layout", "full_state_dict", "load_full_state_dict", "unwrap"]
+__all__ = ["apply_tp", "check_tp_layout", "full_state_dict", "full_grad_dict", "load_full_state_dict", "unwrap"]
 
+
+
+def full_grad_dict(model: nn.Module, dims=None) -> dict:
+    """Gradients of a TP model gathered to full (single-process) shapes, keyed by parameter name (tied
+    parameters under their first name). Collective: call on every rank."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        if is_tp_sharded(p) and dims is not None and dims.tp_enabled:
+            shards = [torch.empty_like(g) for _ in range(dims.tp)]
+            dist.all_gather(shards, g.contiguous(), group=dims.tp_group)
+            g = unshard_tensors(shards, p.partition_dim, p.tp_segments)
+        out[name] = g.cpu().clone()
+    return out

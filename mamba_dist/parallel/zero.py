@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Optional
 
 import torch
@@ -197,12 +198,17 @@ def save_engine_checkpoint(engine, save_dir: str, tag: str, client_state: Option
     """
     tmp_root = os.path.join(save_dir, f".tmp-{tag}")
     final = os.path.join(save_dir, tag)
-    engine.save_checkpoint(tmp_root, tag=tag, client_state=client_state or {}, save_latest=False)
-    dist.barrier()
     if dist.get_rank() == 0:
         if os.path.exists(final):
             raise FileExistsError(f"checkpoint {final} already exists")
+        shutil.rmtree(tmp_root, ignore_errors=True)  # left over from a crash during an earlier save
+    dist.barrier()
+    engine.save_checkpoint(tmp_root, tag=tag, client_state=client_state or {}, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
         os.replace(os.path.join(tmp_root, tag), final)
+        for name in os.listdir(tmp_root):  # DeepSpeed's zero_to_fp32.py etc., which expect to sit in save_dir
+            os.replace(os.path.join(tmp_root, name), os.path.join(save_dir, name))
         os.rmdir(tmp_root)
         tmp_latest = os.path.join(save_dir, ".latest.tmp")
         with open(tmp_latest, "w") as f:
