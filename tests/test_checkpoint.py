@@ -1,0 +1,157 @@
+"""Checkpoint directory mechanics: atomic commit, latest/resume selection, pruning, corruption detection, RNG
+state, config compatibility. (Killing a real training run mid-write is in test_train_resume.py.)"""
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from mamba_dist import checkpoint as ckpt
+
+
+def _noop():
+    pass
+
+
+def _save(ckdir, step, keep_last=0, payload=None):
+    tmp = ckpt.begin_save(str(ckdir), step, 0, _noop)
+    ckpt.save_file(payload if payload is not None else {"w": torch.full((4,), float(step))},
+                   os.path.join(tmp, "model.pt"))
+    ckpt.save_rank_state(tmp, 0, {"epoch": 0, "position": step})
+    return ckpt.commit_save(str(ckdir), tmp, step, {"tokens": step * 10, "world_size": 1, "config": {}}, 0, _noop,
+                            keep_last)
+
+
+def test_commit_creates_complete_step_dirs_and_latest(tmp_path):
+    assert ckpt.latest_checkpoint(str(tmp_path / "none")) is None
+    for s in (1, 2, 10):
+        _save(tmp_path, s)
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [1, 2, 10]
+    latest = ckpt.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("step_00000010")
+    meta = ckpt.read_meta(latest)
+    assert meta["step"] == 10 and meta["tokens"] == 100
+    assert set(meta["files"]) == {"model.pt", "rank00000.pt"}
+    assert torch.equal(ckpt.load_file(latest, "model.pt")["w"], torch.full((4,), 10.0))
+    assert ckpt.load_rank_state(latest, 0)["loader"] == {"epoch": 0, "position": 10}
+
+
+def test_keep_last_prunes_oldest(tmp_path):
+    for s in range(1, 6):
+        _save(tmp_path, s, keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == ["step_00000004", "step_00000005"]
+
+
+def test_incomplete_dirs_are_ignored_and_cleaned(tmp_path):
+    _save(tmp_path, 2)
+    # a crash left: a temp dir, a half-deleted trash dir, and a step dir without meta.json (not from us)
+    (tmp_path / ".tmp-step_00000004").mkdir()
+    (tmp_path / ".trash-step_00000001").mkdir()
+    (tmp_path / "step_00000009").mkdir()
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000002")
+    _save(tmp_path, 4)
+    names = sorted(os.listdir(tmp_path))
+    assert ".tmp-step_00000004" not in names and ".trash-step_00000001" not in names
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step_00000004")
+
+
+def test_resave_same_step_replaces(tmp_path):
+    _save(tmp_path, 3, payload={"w": torch.zeros(2)})
+    _save(tmp_path, 3, payload={"w": torch.ones(2)})
+    assert torch.equal(ckpt.load_file(ckpt.latest_checkpoint(str(tmp_path)), "model.pt")["w"], torch.ones(2))
+
+
+def test_resolve_resume(tmp_path):
+    assert ckpt.resolve_resume("auto", str(tmp_path)) is None  # nothing yet: fresh start
+    p = _save(tmp_path, 5)
+    assert ckpt.resolve_resume("auto", str(tmp_path)) == p
+    assert ckpt.resolve_resume("none", str(tmp_path)) is None
+    assert ckpt.resolve_resume(p, "/elsewhere") == p
+    assert ckpt.resolve_resume(str(tmp_path), "/elsewhere") == p  # a checkpoint directory: its latest
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint directory"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), str(tmp_path))
+    (tmp_path / ".tmp-step_00000007").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="is incomplete \\(no meta.json\\)"):
+        ckpt.resolve_resume(str(tmp_path / ".tmp-step_00000007"), str(tmp_path))
+
+
+def test_corruption_is_reported_in_one_line(tmp_path):
+    p = _save(tmp_path, 1)
+    model = os.path.join(p, "model.pt")
+    size = os.path.getsize(model)
+    with open(model, "r+b") as f:
+        f.truncate(size - 7)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.read_meta(p)
+    assert str(e.value) == f"checkpoint {p} is corrupt: model.pt has {size - 7} bytes, meta.json recorded {size}"
+    with pytest.raises(ckpt.CheckpointError, match="is corrupt: cannot read model.pt"):
+        ckpt.load_file(p, "model.pt")
+    os.remove(model)
+    with pytest.raises(ckpt.CheckpointError, match="is corrupt: model.pt is missing"):
+        ckpt.read_meta(p)
+    with open(os.path.join(p, "meta.json"), "w") as f:
+        f.write("[1, 2")
+    with pytest.raises(ckpt.CheckpointError, match="meta.json is not valid JSON"):
+        ckpt.read_meta(p)
+
+
+def test_state_dict_mismatch_is_named():
+    m = torch.nn.Linear(3, 2)
+    with pytest.raises(ckpt.CheckpointError, match=r"weight has shape \(2, 4\) in the checkpoint, \(2, 3\)"):
+        ckpt.load_state_dict_strict(m, {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, "/c")
+    with pytest.raises(ckpt.CheckpointError, match=r"missing 1 keys \(e.g. bias\); unexpected 1 keys \(e.g. b\)"):
+        ckpt.load_state_dict_strict(m, {"weight": torch.zeros(2, 3), "b": torch.zeros(2)}, "/c")
+
+
+def test_config_compatibility():
+    saved = {"config": {"model": {"d_model": 64, "backend": "fused", "ssm_cfg": {"d_state": 16}},
+                        "optim": {"lr": 1e-3}, "data": {"seq_len": 64}}, "world_size": 2}
+    same_but_lr_backend = {"model": {"d_model": 64, "backend": "reference", "ssm_cfg": {"d_state": 16}},
+                           "optim": {"lr": 5e-4}, "data": {"seq_len": 64}}
+    ckpt.check_compatible("/c", saved, same_but_lr_backend, 2)  # lr and backend may change on resume
+    with pytest.raises(ckpt.CheckpointError, match=r"model.ssm_cfg is \{'d_state': 16\} in the checkpoint, "
+                                                   r"\{'d_state': 32\} in the config"):
+        ckpt.check_compatible("/c", saved, {**same_but_lr_backend,
+                                            "model": {"d_model": 64, "ssm_cfg": {"d_state": 32}}}, 2)
+    with pytest.raises(ckpt.CheckpointError, match="data.seq_len is 64 in the checkpoint, 128 in the config"):
+        ckpt.check_compatible("/c", saved, {**same_but_lr_backend, "data": {"seq_len": 128}}, 2)
+    with pytest.raises(ckpt.CheckpointError, match="written by 2 processes, this run has 4"):
+        ckpt.check_compatible("/c", saved, same_but_lr_backend, 4)
+
+
+def test_rng_state_round_trip():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    ckpt.set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_sigkill_before_rename_leaves_previous_latest(tmp_path):
+    """A process killed after writing everything (meta.json included) but before the rename."""
+    code = textwrap.dedent(f"""
+        import os, torch
+        from mamba_dist import checkpoint as ckpt
+        d = {str(tmp_path)!r}
+        for step in (1, 2):
+            tmp = ckpt.begin_save(d, step, 0, lambda: None)
+            ckpt.save_file({{"w": torch.ones(3) * step}}, os.path.join(tmp, "model.pt"))
+            if step == 2:
+                os.environ["MAMBA_DIST_FAULT"] = "checkpoint_before_rename_2"
+            ckpt.commit_save(d, tmp, step, {{"tokens": 0}}, 0, lambda: None)
+        print("not reached")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert "not reached" not in proc.stdout
+    assert os.path.isfile(tmp_path / ".tmp-step_00000002" / "meta.json")  # fully written, never renamed
+    latest = ckpt.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("step_00000001")
+    assert torch.equal(ckpt.load_file(latest, "model.pt")["w"], torch.ones(3))
