@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "model.ssm_cfg.d_state=32 checkpoint.resume=none")
     p.add_argument("--config", "-c", default=None, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied after the YAML")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same, so it is ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
