@@ -1,0 +1,58 @@
+"""MambaConfig: the fields of mamba_ssm.models.config_mamba.MambaConfig (2.x), so a released config.json maps 1:1."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+MIXERS = ("Mamba1", "Mamba2")
+
+
+@dataclass
+class MambaConfig:
+    d_model: int = 2560
+    d_intermediate: int = 0  # > 0 adds a GatedMLP after each mixer (mamba_ssm's Block with mlp)
+    n_layer: int = 64
+    vocab_size: int = 50277
+    ssm_cfg: dict = field(default_factory=dict)  # {"layer": "Mamba1"|"Mamba2", **mixer kwargs}
+    attn_layer_idx: list = field(default_factory=list)
+    attn_cfg: dict = field(default_factory=dict)
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True  # accepted for compatibility; the result is the same either way
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
+            raise ValueError(f"MambaConfig.d_intermediate must be an integer >= 0, got {self.d_intermediate!r}")
+        if not isinstance(self.ssm_cfg, dict):
+            raise ValueError(f"MambaConfig.ssm_cfg must be a dict, got {type(self.ssm_cfg).__name__}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"MambaConfig.ssm_cfg['layer'] must be one of {MIXERS}, got {self.mixer!r}")
+
+    @property
+    def mixer(self) -> str:
+        return self.ssm_cfg.get("layer", "Mamba1")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.vocab_size + (-self.vocab_size % self.pad_vocab_size_multiple)
+
+    def to_dict(self) -> dict:
+        """The mamba_ssm config.json dict."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MambaConfig":
+        """From a mamba_ssm config.json dict; unknown keys are an error (a typo would otherwise be ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"MambaConfig: unknown field(s) {', '.join(unknown)}")
+        return cls(**copy.deepcopy(dict(d)))

@@ -1,0 +1,353 @@
+"""Pure-PyTorch kernels: the `reference` backend, and the twin every fused kernel is tested against.
+
+Same signatures as `ops/fused.py` (see DESIGN.md). All run on any device, in fp32 or bf16; the scans compute in
+fp32 internally and return the input dtype, as mamba_ssm's kernels do.
+
+Packed rows: `seq_idx` (batch, seqlen) int32, non-decreasing, is the document id of each token. Every kernel
+restarts its state where seq_idx changes, exactly (decays are set to exactly 0 across a document start and conv
+taps that reach into a previous document are zeroed), so each document's output equals running it alone.
+
+No Python loop runs over time steps:
+- Mamba-1 (`selective_scan`) solves the linear recurrence h_t = a_t * h_{t-1} + b_t with a work-efficient
+  (Blelloch) parallel scan, in place inside chunks of CHUNK steps, then the same scan over the chunks' end states
+  (recursively), so the Python loop count is O(log L). A custom autograd Function runs the backward as the reverse
+  recurrence (G_t = g_t + a_{t+1} G_{t+1}), so only log(a) and h are kept for backward: the memory of two
+  (batch, seqlen, d_inner, d_state) tensors. Products of decays in [0, 1] cannot overflow, unlike the
+  exp(cumsum) factorisation, which overflows once sum(dt*A) over a chunk passes ~88.
+- Mamba-2 (`ssd_scan`) is SSD chunking (mamba_ssm's ssd_minimal / the SSD paper's Listing 1): a masked
+  quadratic form inside each chunk, built from a stable segment-sum of log decays, plus a state passed between
+  chunks with the same parallel scan. seq_idx masks the intra-chunk decay matrix, the chunk states, the state
+  passing and the state-to-output term.
+The `*_sequential` twins are the per-time-step oracles the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK = 64  # Mamba-1 scan chunk (a power of two); the scan's Python loop count is 2*log2(CHUNK) per level
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def doc_start(seq_idx: Tensor) -> Tensor:
+    """(B, L) bool: True where a token starts a new document within the row (not at t=0: nothing precedes it)."""
+    start = torch.zeros_like(seq_idx, dtype=torch.bool)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return start
+
+
+def _blelloch_(a: Tensor, x: Tensor) -> None:
+    """In place along dim 2 of (B, C, T, R) tensors, T a power of two: afterwards x[:, :, t] is the state h_t of
+    h_t = a_t h_{t-1} + x_t started from zero in each chunk, and a[:, :, t] = prod_{s<=t} a_s."""
+    T = x.shape[2]
+    levels = T.bit_length() - 1
+    # up-sweep: each right element of a pair absorbs its left neighbour; then recurse on the right elements
+    av, xv = a, x
+    for _ in range(levels):
+        av, xv = av.unflatten(2, (-1, 2)), xv.unflatten(2, (-1, 2))
+        xv[:, :, :, 1].addcmul_(av[:, :, :, 1], xv[:, :, :, 0])
+        av[:, :, :, 1].mul_(av[:, :, :, 0])
+        av, xv = av[:, :, :, 1], xv[:, :, :, 1]
+    # down-sweep: elements at odd multiples of 2^k hold a segment of length 2^k; prepend the full prefix before it
+    for k in range(levels - 2, -1, -1):
+        step = 1 << k
+        av = a[:, :, step - 1::step].unflatten(2, (-1, 2))
+        xv = x[:, :, step - 1::step].unflatten(2, (-1, 2))
+        xv[:, :, 1:, 0].addcmul_(av[:, :, 1:, 0], xv[:, :, :-1, 1])
+        av[:, :, 1:, 0].mul_(av[:, :, :-1, 1])
+
+
+def _scan(a: Tensor, b: Tensor) -> Tensor:
+    """h_t = a_t * h_{t-1} + b_t along dim 1 of (B, L, R) fp32 tensors, h_{-1} = 0. Inputs are not modified."""
+    Bsz, L, R = b.shape
+    T = min(CHUNK, 1 << max(L - 1, 0).bit_length())
+    nc = -(-L // T)
+    pad = nc * T - L
+    # fresh contiguous copies (the sweeps work in place); padded steps (a=1, b=0) come after the data, harmless
+    A = F.pad(a, (0, 0, 0, pad), value=1.0) if pad else a.contiguous().clone()
+    X = F.pad(b, (0, 0, 0, pad)) if pad else b.contiguous().clone()
+    A, X = A.view(Bsz, nc, T, R), X.view(Bsz, nc, T, R)
+    _blelloch_(A, X)
+    if nc > 1:
+        # full state at the end of each chunk: the same recurrence over chunks (chunk decay, chunk-local end state)
+        ends = _scan(A[:, :-1, -1], X[:, :-1, -1])  # (B, nc-1, R)
+        X[:, 1:].addcmul_(A[:, 1:], ends[:, :, None])
+    return X.view(Bsz, nc * T, R)[:, :L]
+
+
+def _decay(log_a: Tensor, reset: Optional[Tensor]) -> Tensor:
+    a = torch.exp(log_a)
+    if reset is not None:
+        a = a.masked_fill(reset[:, :, None], 0.0)
+    return a
+
+
+class _LinearScan(torch.autograd.Function):
+    """h_t = exp(log_a_t) * h_{t-1} + b_t (decay exactly 0 where reset), (B, L, R) fp32."""
+
+    @staticmethod
+    def forward(ctx, log_a, b, reset):
+        h = _scan(_decay(log_a, reset), b)
+        ctx.save_for_backward(log_a, h, reset)
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        log_a, h, reset = ctx.saved_tensors
+        a = _decay(log_a, reset)
+        # G_t = dL/dh_t (total) = g_t + a_{t+1} G_{t+1}: the same recurrence, run backwards in time
+        a_next = F.pad(a[:, 1:], (0, 0, 0, 1))
+        G = _scan(a_next.flip(1), g.flip(1)).flip(1)
+        h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))
+        d_log_a = G * h_prev * a
+        return d_log_a, G, None
+
+
+def linear_scan(log_a: Tensor, b: Tensor, reset: Optional[Tensor] = None) -> Tensor:
+    """Differentiable h_t = exp(log_a_t) * h_{t-1} + b_t along dim 1 of (B, L, R) tensors (computed in fp32);
+    `reset` (B, L) bool sets the decay into step t to exactly 0 (a document start)."""
+    return _LinearScan.apply(log_a.float(), b.float(), reset)
+
+
+# --------------------------------------------------------------------------------------------- conv
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
+                  activation: Optional[str] = None) -> Tensor:
+    """Depthwise causal conv: out[:, c, t] = bias[c] + sum_j weight[c, W-1-j] * x[:, c, t-j], where taps with
+    t-j < 0 or in a previous document (seq_idx[t-j] != seq_idx[t]) are zero. x (B, C, L), weight (C, W)."""
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
+    dtype = x.dtype
+    L, W = x.shape[-1], weight.shape[-1]
+    xf, w = x.float(), weight.float()
+    out = xf * w[:, W - 1, None]
+    for j in range(1, min(W, L)):  # over the W-1 earlier taps, not over time
+        tap = F.pad(xf[..., : L - j], (j, 0))
+        if seq_idx is not None:
+            same = F.pad(seq_idx[:, j:] == seq_idx[:, :-j], (j, 0), value=False)
+            tap = tap * same[:, None, :]
+        out = out + tap * w[:, W - 1 - j, None]
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(dtype)
+
+
+def causal_conv1d_sequential(x, weight, bias=None, seq_idx=None, activation=None):
+    """Oracle: one output step at a time, each from the window of its own document."""
+    B, C, L = x.shape
+    W = weight.shape[-1]
+    out = torch.empty(B, C, L, dtype=torch.float32, device=x.device)
+    for b in range(B):
+        for t in range(L):
+            acc = torch.zeros(C, dtype=torch.float32, device=x.device) if bias is None else bias.float().clone()
+            for j in range(W):
+                s = t - j
+                if s < 0 or (seq_idx is not None and seq_idx[b, s] != seq_idx[b, t]):
+                    break
+                acc = acc + weight[:, W - 1 - j].float() * x[b, :, s].float()
+            out[b, :, t] = acc
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- Mamba-1
+
+
+def _dt(delta: Tensor, bias: Optional[Tensor], softplus: bool) -> Tensor:
+    dt = delta.float()
+    if bias is not None:
+        dt = dt + bias.float()
+    return F.softplus(dt) if softplus else dt
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   seq_idx: Optional[Tensor] = None) -> Tensor:
+    """Mamba-1 selective scan (mamba_ssm's selective_scan_fn with input-dependent B, C).
+    u, delta, z (B, D, L); A (D, N) fp32; B, C (B, N, L); D, delta_bias (D,). Returns (B, D, L) in u's dtype.
+      dt = softplus(delta + delta_bias); h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t; y_t = C_t h_t + D u_t;
+      out = y * silu(z)."""
+    dtype = u.dtype
+    Bsz, Dm, L = u.shape
+    N = A.shape[-1]
+    # time-major (B, L, D) so the (B, L, D, N) products below come out contiguous
+    uf = u.float().transpose(1, 2).contiguous()
+    dt = _dt(delta.transpose(1, 2).contiguous(), delta_bias, delta_softplus)
+    log_a = dt[..., None] * A.float()  # (B, L, D, N)
+    bx = (dt * uf)[..., None] * B.float().transpose(1, 2).contiguous()[:, :, None, :]  # (B, L, D, N)
+    reset = doc_start(seq_idx) if seq_idx is not None else None
+    h = linear_scan(log_a.reshape(Bsz, L, Dm * N), bx.reshape(Bsz, L, Dm * N), reset).view(Bsz, L, Dm, N)
+    y = (h @ C.float().transpose(1, 2)[..., None]).squeeze(-1)  # (B, L, D)
+    if D is not None:
+        y = y + uf * D.float()
+    if z is not None:
+        y = y * F.silu(z.float().transpose(1, 2))
+    return y.transpose(1, 2).to(dtype)
+
+
+def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                              seq_idx=None):
+    """Oracle: the recurrence one time step at a time (mamba_ssm's selective_scan_ref), state zeroed at starts."""
+    dtype = u.dtype
+    u, B, C = u.float(), B.float(), C.float()
+    dt = _dt(delta.transpose(1, 2), delta_bias, delta_softplus).transpose(1, 2)  # (B, D, L)
+    A = A.float()
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        if seq_idx is not None and t > 0:
+            keep = (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None]
+            h = h * keep
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, -1)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- Mamba-2 (SSD)
+
+
+def _segsum(x: Tensor) -> Tensor:
+    """(..., T) -> (..., T, T): out[..., t, s] = sum_{s < r <= t} x[..., r] for s <= t, -inf above the diagonal.
+    Sums each segment directly (masked cumsum) instead of differencing two long cumsums, which loses precision."""
+    T = x.shape[-1]
+    xx = x[..., None].expand(*x.shape, T)  # xx[..., r, s] = x[r]
+    below = torch.ones(T, T, device=x.device, dtype=torch.bool).tril(-1)
+    xx = xx.masked_fill(~below, 0.0)
+    seg = torch.cumsum(xx, dim=-2)
+    return seg.masked_fill(~below.logical_or(torch.eye(T, device=x.device, dtype=torch.bool)), -math.inf)
+
+
+def _pad_time(t: Tensor, pad: int) -> Tensor:
+    if not pad:
+        return t
+    return F.pad(t, [0, 0] * (t.dim() - 2) + [0, pad])
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor] = None,
+             z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+             seq_idx: Optional[Tensor] = None, dt_limit=(0.0, float("inf"))) -> Tensor:
+    """Mamba-2 SSD scan (mamba_ssm's mamba_chunk_scan_combined).
+    x (B, L, H, P), dt (B, L, H), A (H,), B, C (B, L, G, N), D (H,) or (H, P), z (B, L, H, P), dt_bias (H,).
+      dt = clamp(softplus(dt + dt_bias), dt_limit); h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T (per head);
+      y_t = h_t C_t + D x_t; out = y * silu(z). Returns (B, L, H, P) in x's dtype."""
+    dtype = x.dtype
+    Bsz, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    E = H // G  # heads per group
+    T = chunk_size
+    xf = x.float()
+    dt = _dt(dt, dt_bias, dt_softplus)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    pad = (-L) % T
+    nc = (L + pad) // T
+    # padded steps carry dt = 0: no decay, no input, after the data
+    log_a = _pad_time(dt * A.float(), pad).view(Bsz, nc, T, H)
+    xdt = _pad_time(xf * dt[..., None], pad).view(Bsz, nc, T, G, E, P)
+    Bc = _pad_time(B.float(), pad).view(Bsz, nc, T, G, N)
+    Cc = _pad_time(C.float(), pad).view(Bsz, nc, T, G, N)
+    if seq_idx is not None:
+        s = torch.cat([seq_idx, seq_idx[:, -1:].expand(Bsz, pad)], 1) if pad else seq_idx
+        s = s.view(Bsz, nc, T)
+    cum = log_a.cumsum(2)  # (B, c, T, H)
+
+    # 1. within chunks: y_l = sum_{s<=l, same doc} (C_l . B_s) exp(sum_{s<r<=l} log_a_r) xdt_s
+    seg = _segsum(log_a.permute(0, 1, 3, 2))  # (B, c, H, T, T)
+    if seq_idx is not None:
+        seg = seg.masked_fill((s[:, :, :, None] != s[:, :, None, :])[:, :, None], -math.inf)
+    decay = torch.exp(seg).view(Bsz, nc, G, E, T, T)
+    CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    y = torch.einsum("bcgels,bcsgep->bclgep", CB[:, :, :, None] * decay, xdt)
+
+    if nc > 1:
+        # 2. each chunk's own state at its end (only tokens of the document the chunk ends in)
+        to_end = torch.exp(cum[:, :, -1:] - cum)  # (B, c, T, H)
+        if seq_idx is not None:
+            to_end = to_end * (s == s[:, :, -1:])[..., None]
+        states = torch.einsum("bclgn,bclgep->bcgepn", Bc, xdt * to_end.view(Bsz, nc, T, G, E, 1))
+        # 3. pass states between chunks: S_c = exp(chunk decay) S_{c-1} + states_c, 0 across a document start
+        reset = (s[:, 1:, -1] != s[:, :-1, -1]) if seq_idx is not None else None
+        chunk_log_a = cum[:, :-1, -1].reshape(Bsz, nc - 1, G, E, 1, 1).expand(-1, -1, -1, -1, P, N)
+        R = G * E * P * N
+        ends = linear_scan(chunk_log_a.reshape(Bsz, nc - 1, R), states[:, :-1].reshape(Bsz, nc - 1, R),
+                           F.pad(reset, (1, 0), value=False)[:, :-1] if reset is not None else None)
+        ends = ends.view(Bsz, nc - 1, G, E, P, N)  # state at the end of chunks 0 .. nc-2
+        # 4. state entering chunk c -> outputs of chunk c, decayed to each position, same document only
+        from_start = torch.exp(cum[:, 1:])  # (B, c-1, T, H)
+        if seq_idx is not None:
+            from_start = from_start * (s[:, 1:] == s[:, :-1, -1:])[..., None]
+        y_off = torch.einsum("bclgn,bcgepn->bclgep", Cc[:, 1:], ends) * from_start.view(Bsz, nc - 1, T, G, E, 1)
+        y = torch.cat([y[:, :1], y[:, 1:] + y_off], 1)
+
+    y = y.reshape(Bsz, nc * T, H, P)[:, :L]
+    if D is not None:
+        y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+def ssd_scan_sequential(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None, dt_softplus=False,
+                        seq_idx=None, dt_limit=(0.0, float("inf"))):
+    """Oracle: the Mamba-2 recurrence one time step at a time, state zeroed at document starts."""
+    dtype = x.dtype
+    Bsz, L, H, P = x.shape
+    G = B.shape[2]
+    xf = x.float()
+    dt = _dt(dt, dt_bias, dt_softplus)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    Bh = B.float().repeat_interleave(H // G, dim=2)  # (B, L, H, N)
+    Ch = C.float().repeat_interleave(H // G, dim=2)
+    h = xf.new_zeros(Bsz, H, P, B.shape[3])
+    ys = []
+    for t in range(L):
+        if seq_idx is not None and t > 0:
+            h = h * (seq_idx[:, t] == seq_idx[:, t - 1]).float()[:, None, None, None]
+        h = torch.exp(dt[:, t] * A.float())[..., None, None] * h \
+            + (dt[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
+        ys.append((h * Ch[:, t, :, None, :]).sum(-1))
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + xf * (D.float()[:, None] if D.dim() == 1 else D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- norm
+
+
+def rms_norm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: Optional[int] = None,
+                   norm_before_gate: bool = False) -> Tensor:
+    """mamba_ssm's gated RMSNorm (layernorm_gated.rms_norm_ref, upcast): with norm_before_gate=False,
+    out = rmsnorm_per_group(x * silu(z)) * weight; the statistics are per group of `group_size` channels."""
+    dtype = x.dtype
+    xf = x.float()
+    if z is not None and not norm_before_gate:
+        xf = xf * F.silu(z.float())
+    D = xf.shape[-1]
+    gs = D if group_size is None else group_size
+    if D % gs:
+        raise ValueError(f"rms_norm_gated: group_size {gs} does not divide the last dimension {D}")
+    xg = xf.unflatten(-1, (D // gs, gs))
+    out = (xg * torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
+    if z is not None and norm_before_gate:
+        out = out * F.silu(z.float())
+    return out.to(dtype)
