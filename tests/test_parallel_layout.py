@@ -98,3 +98,37 @@ def test_ac_layer_selection():
     assert selected_layers(4, 1.0) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="must be in"):
         selected_layers(4, 1.5)
+
+
+def _model(**kw):
+    from mamba_dist.model import MambaConfig, MambaLMHeadModel
+
+    base = dict(d_model=32, n_layer=1, vocab_size=64, pad_vocab_size_multiple=8, ssm_cfg={"layer": "Mamba1"})
+    base.update(kw)
+    return MambaLMHeadModel(MambaConfig(**base), backend="reference")
+
+
+class _FakeDims:
+    """What apply_tp reads before it touches any process group."""
+
+    def __init__(self, tp):
+        self.tp, self.tp_enabled, self.sequence_parallel, self.tp_group = tp, tp > 1, False, None
+
+
+@pytest.mark.parametrize(
+    "kw, tp, needle",
+    [
+        (dict(d_model=36, pad_vocab_size_multiple=40), 5, "tp=5 does not divide Mamba-1 d_inner=72"),
+        (dict(ssm_cfg={"layer": "Mamba2", "headdim": 16, "ngroups": 1, "d_state": 8}), 2,
+         "tp=2 does not divide Mamba-2 ngroups=1"),
+        (dict(vocab_size=61, pad_vocab_size_multiple=1), 2, "padded vocab size 61 is not divisible by tp=2"),
+    ],
+)
+def test_apply_tp_rejects_bad_layout_before_touching_the_model(kw, tp, needle):
+    from mamba_dist.parallel.tp import apply_tp
+
+    model = _model(**kw)
+    with pytest.raises(ParallelLayoutError) as e:
+        apply_tp(model, _FakeDims(tp))
+    assert needle in _one_line(e)
+    assert type(model.backbone.embedding) is torch.nn.Embedding  # nothing was swapped

@@ -184,6 +184,11 @@ def check_model_layout(model_config: Any, tp: int) -> None:
         check_mamba2_tp(d_ssm, d_ssm // headdim, ngroups, tp)
     else:
         raise ParallelLayoutError(f"ssm_cfg.layer={layer!r} is not Mamba1 or Mamba2")
+    d_intermediate = _cfg_get(model_config, "d_intermediate", 0) or 0
+    if d_intermediate:
+        hidden = -(-d_intermediate // 128) * 128  # GatedMLP rounds its hidden size up to a multiple of 128
+        if hidden % tp:
+            raise ParallelLayoutError(f"tp={tp} does not divide the MLP hidden size {hidden}")
     if _cfg_get(model_config, "attn_layer_idx", None):
         raise ParallelLayoutError("tensor parallelism of attention layers (attn_layer_idx) is not implemented")
 

@@ -12,6 +12,7 @@ x_proj   row-parallel; (dt_low, B, C) all-    | conv1d  channels [x_r ; B_r ; C_
 dt_proj  column-parallel (weight rows, bias)  | norm    gated RMSNorm weight x_r; group size = d_ssm/ngroups is
 A_log, D channels x_r                         |         the same locally, so each shard normalises whole groups
 out_proj row-parallel                         | out_proj row-parallel
+GatedMLP (d_intermediate > 0): fc1 column-parallel ([y_r ; gate_r]), fc2 row-parallel.
 
 Mixer attributes holding inner sizes (d_inner; d_ssm, nheads, ngroups) are set to the local sizes; the mixer code
 reads only those, so the (fused or reference) kernels run unchanged on the local shard and seq_idx resets work
@@ -27,7 +28,7 @@ same weight and returns vocab-sharded logits (B, L, V/tp) for `loss.loss_fn` (vo
 
 Sequence parallelism (dims.sequence_parallel): between blocks the hidden states and the fp32 residual are split
 along the sequence, (B, L/tp, D). The embedding output is cut to the local shard, each mixer all-gathers its input
-along the sequence (a forward pre-hook; the mixer therefore still sees the full length and the full seq_idx) and its
+along the sequence (a forward pre-hook, also on the MLP; the mixer therefore still sees the full length and the full seq_idx) and its
 out_proj reduce-scatters instead of all-reducing; the head all-gathers before the vocab projection. The norms then
 see only a sequence shard, so their (replicated) weight gradients are summed over TP by a gradient hook.
 """
@@ -68,6 +69,9 @@ def check_tp_layout(model: nn.Module, tp: int) -> None:
             check_mamba1_tp(mixer.d_inner, tp)
         else:
             raise ParallelLayoutError(f"layer {i}: tensor parallelism of {type(mixer).__name__} is not implemented")
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and mlp.fc2.weight.shape[1] % tp:
+            raise ParallelLayoutError(f"tp={tp} does not divide the MLP hidden size {mlp.fc2.weight.shape[1]}")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -165,6 +169,14 @@ def _tp_mamba2(m: nn.Module, group, sp: bool) -> None:
         m.d_inner = m.d_inner // tp
 
 
+def _tp_mlp(mlp: nn.Module, group, sp: bool) -> None:
+    """GatedMLP (d_intermediate > 0): fc1 column-parallel with its [y ; gate] halves sharded separately, fc2
+    row-parallel -- megatron's MLP split."""
+    hidden = mlp.fc2.weight.shape[1]
+    mlp.fc1 = _column(mlp.fc1, group, segments=(hidden, hidden), grad_reduce=not sp)
+    mlp.fc2 = _row(mlp.fc2, group, reduce="scatter_seq" if sp else "all")
+
+
 def _sp_gather_input_hook(group):
     def hook(module, args, kwargs):
         if args:
@@ -202,6 +214,10 @@ def apply_tp(model: nn.Module, dims) -> nn.Module:
             _tp_mamba1(mixer, group, sp)
         if sp:
             mixer.register_forward_pre_hook(_sp_gather_input_hook(group), with_kwargs=True)
+        if getattr(layer, "mlp", None) is not None:
+            _tp_mlp(layer.mlp, group, sp)
+            if sp:
+                layer.mlp.register_forward_pre_hook(_sp_gather_input_hook(group), with_kwargs=True)
 
     old_head = model.lm_head
     head = ColumnParallel(D, V, getattr(old_head, "bias", None) is not None, tp_group=group,
