@@ -1,0 +1,431 @@
+"""Tokenize a corpus and pack it into zstd webdataset shards with per-row document boundaries.
+
+Run it as any of:
+    mamba-dist prepare builtin --out data/prepared/builtin --seq-len 2048
+    python -m mamba_dist.data.prepare data/*.jsonl.zst --out /data/mycorpus --text-field content
+    python data/prepare.py builtin:pydoc --out /tmp/pydoc --tokenizer byte --seq-len 256
+
+Layout written (atomically: everything goes to a hidden sibling directory that is renamed into place at the end):
+    OUT/manifest.json
+    OUT/train/shard-000000.tar ...
+    OUT/val/shard-000000.tar ...
+
+Packing. Each document gets EOS appended; a split's documents are concatenated into one token stream, which is cut
+into rows of seq_len + 1 tokens with stride seq_len (row k = stream[k*L : k*L + L + 1]; inputs row[:-1], targets
+row[1:], so every token but the first is a target exactly once). The tail shorter than a row is dropped and
+counted in the manifest. A document longer than what is left of a row continues at the start of the next row;
+rows are independent training samples, so that continuation starts with a fresh state: it is a new segment
+(seq_idx 0 of that row), not a carried-over state.
+
+Shard format. Each tar sample (key NNNNNN) is a block of `rows_per_member` consecutive rows, stored as four
+zstd-compressed .npy members:
+    tokens.npy.zst     (rows, L+1) uint16 (uint32 when the vocabulary exceeds 65,536)
+    starts.npy.zst     int32, concatenated per-row segment starts (each row's list begins with 0)
+    row_ptr.npy.zst    int32 (rows+1,): row r's starts are starts[row_ptr[r]:row_ptr[r+1]]   (CSR, like cu_seqlens)
+    first_doc.npy.zst  int64 (rows,): split-wide index of the document holding the row's first token
+Segment starts are positions in [0, L) where a document begins (position 0 always; it may be a continuation).
+The loader turns them into seq_idx. Tar headers carry fixed mtime/owner/mode and USTAR format (no PAX
+timestamps), so the same input and settings give byte-identical shards whatever the number of workers.
+
+Validation split: document i (in input order, empty documents skipped) goes to val when
+floor((i+1)*f) > floor(i*f), f = val_fraction: an even, deterministic 1-in-1/f selection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .cache import FetchError
+from .corpus import DocBatch, InputError, Source, resolve_inputs
+from .tokenizer import NEOX_NAME, Tokenizer, TokenizerError, load_tokenizer
+
+FORMAT = "mamba-dist-packed-rows"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+MEMBERS = ("tokens", "starts", "row_ptr", "first_doc")
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+class _Packer:
+    """Cuts one split's token stream into rows (stride L, length L+1) and records segment starts per row."""
+
+    def __init__(self, seq_len: int, rows_per_member: int, dtype: np.dtype):
+        self.L, self.m = seq_len, rows_per_member
+        self.buf = np.empty(0, dtype)  # stream tokens from absolute position `base` on
+        self.base = 0  # always a row start (multiple of L)
+        self.starts = np.empty(0, np.int64)  # absolute start positions of documents, those >= base
+        self.docs_before = 0  # documents starting before base
+        self.n_docs = 0
+        self.n_tokens = 0
+        self.rows = 0
+
+    def add(self, tokens: np.ndarray, lens: np.ndarray) -> Iterator[dict]:
+        if len(lens) == 0:
+            return
+        starts = self.n_tokens + np.concatenate([[0], np.cumsum(lens[:-1])])
+        self.n_tokens += len(tokens)
+        self.n_docs += len(lens)
+        self.buf = np.concatenate([self.buf, tokens])
+        self.starts = np.concatenate([self.starts, starts])
+        yield from self._emit(final=False)
+
+    def finish(self) -> Iterator[dict]:
+        yield from self._emit(final=True)
+
+    @property
+    def dropped_tokens(self) -> int:
+        """Stream tokens in no row (the final short tail); only valid after finish()."""
+        return len(self.buf) - 1 if self.rows else len(self.buf)
+
+    def _emit(self, final: bool) -> Iterator[dict]:
+        while True:
+            avail = (len(self.buf) - 1) // self.L  # full rows on hand (a row needs L+1 tokens)
+            if avail >= self.m:
+                k = self.m
+            elif final and avail > 0:
+                k = avail
+            else:
+                return
+            yield self._member(k)
+
+    def _member(self, k: int) -> dict:
+        L = self.L
+        rows = np.lib.stride_tricks.sliding_window_view(self.buf[: k * L + 1], L + 1)[::L].copy()
+        cut = int(np.searchsorted(self.starts, self.base + k * L, "left"))
+        rel = self.starts[:cut] - self.base
+        row_of, off = rel // L, rel % L
+        row_pos = self.base + np.arange(k, dtype=np.int64) * L
+        first_doc = self.docs_before + np.searchsorted(self.starts, row_pos, "right") - 1
+        # CSR of segment starts: every row begins with 0, followed by its in-row document starts (> 0).
+        inner = off > 0
+        rows_nz, offs_nz = row_of[inner], off[inner]
+        counts = np.bincount(rows_nz, minlength=k) + 1
+        row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        starts = np.zeros(int(row_ptr[-1]), np.int32)
+        rank = np.arange(len(rows_nz)) - np.searchsorted(rows_nz, rows_nz, "left")
+        starts[row_ptr[rows_nz] + 1 + rank] = offs_nz
+        self.buf = self.buf[k * L:]
+        self.starts = self.starts[cut:]
+        self.docs_before += cut
+        self.base += k * L
+        self.rows += k
+        return {"tokens": rows, "starts": starts, "row_ptr": row_ptr, "first_doc": first_doc.astype(np.int64)}
+
+
+class _HashingFile:
+    """Write-only file that hashes what passes through, so shards need no second read for their sha256."""
+
+    def __init__(self, path: str):
+        import hashlib
+
+        self.f = open(path, "wb")
+        self.h = hashlib.sha256()
+        self.size = 0
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _SplitWriter:
+    """Rows of one split -> webdataset shards (via webdataset.ShardWriter), manifest entries on close."""
+
+    def __init__(self, root: Path, split: str, members_per_shard: int, zstd_level: int):
+        import zstandard
+
+        self.root, self.split = root, split
+        self.members_per_shard = members_per_shard
+        self.zc = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
+        self.writer = None
+        self.shards: list[dict] = []
+        self._files: dict[str, _HashingFile] = {}
+        self._rows = self._members = 0
+
+    def _open(self, fname: str) -> _HashingFile:
+        f = self._files[fname] = _HashingFile(fname)
+        return f
+
+    def _closed(self, fname: str) -> None:
+        f = self._files.pop(fname)
+        f.close()
+        self.shards.append({"path": str(Path(fname).relative_to(self.root)), "rows": self._rows,
+                            "members": self._members, "bytes": f.size, "sha256": f.h.hexdigest()})
+        self._rows = self._members = 0
+
+    def write(self, member: dict) -> None:
+        import webdataset as wds
+
+        if self.writer is None:  # created lazily: an empty split gets no (empty) shard
+            (self.root / self.split).mkdir(parents=True, exist_ok=True)
+            self.writer = wds.ShardWriter(
+                str(self.root / self.split / "shard-%06d.tar"), maxcount=self.members_per_shard, maxsize=float("inf"),
+                post=self._closed, opener=self._open, verbose=0,
+                # TarWriter options that make the bytes reproducible: USTAR (no PAX records), fixed mtime/owner.
+                encoder=False, mtime=0, user="mamba-dist", group="mamba-dist", mode=0o444, format="USTAR_FORMAT")
+        if self.writer.count >= self.members_per_shard:
+            self.writer.next_stream()  # so that post() runs now, with this shard's counts
+        sample = {"__key__": f"{self.writer.count:06d}"}
+        for name in MEMBERS:
+            sample[f"{name}.npy.zst"] = self.zc.compress(npy_bytes(member[name]))
+        self.writer.write(sample)
+        self._rows += len(member["tokens"])
+        self._members += 1
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer workers
+
+_WORKER: dict = {}
+
+
+def _worker_init(tok_spec: dict, threads: int) -> None:
+    # Before the tokenizer's first encode, so its rayon pool gets this size.
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    _WORKER["tok"] = Tokenizer.from_spec(tok_spec)
+
+
+def _worker_encode(batch: DocBatch) -> tuple[int, np.ndarray, np.ndarray]:
+    toks, lens = _WORKER["tok"].encode_docs(batch.texts())
+    return batch.nbytes, toks, lens
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _start_pool(tok_spec: dict, workers: int):
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, _cpu_count() // workers)
+    # spawn, not fork: a forked tokenizer whose rayon pool already ran in the parent goes serial or deadlocks,
+    # and the caller (a trainer) may hold threads. ProcessPoolExecutor, not Pool: a worker that fails to start
+    # raises BrokenProcessPool instead of being respawned forever.
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(tok_spec, threads))
+
+
+def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, pool) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(input bytes, tokens with EOS, doc lengths) per batch, in input order whatever the worker count."""
+    if pool is None:  # in-process: the tokenizer's own rayon threads parallelize each batch
+        _WORKER["tok"] = tok
+        for b in batches:
+            yield _worker_encode(b)
+        return
+    pending: deque = deque()
+    for b in batches:
+        pending.append(pool.submit(_worker_encode, b))
+        if len(pending) >= 2 * pool._max_workers:  # bounded read-ahead: memory stays flat on any corpus size
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# ------------------------------------------------------------------------------------------------------- prepare
+
+def _is_val(first: int, n: int, frac: float) -> np.ndarray:
+    i = np.arange(first, first + n, dtype=np.float64)
+    return np.floor((i + 1) * frac) > np.floor(i * frac)
+
+
+def _claim_out_dir(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"output {out} exists and is not a directory")
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds prepared data ({MANIFEST}); pass overwrite=True "
+                                  f"(--overwrite) to replace it")
+    elif any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} is not empty and holds no {MANIFEST}; refusing to write there")
+
+
+def prepare(inputs: str | Sequence[str], out_dir: str | os.PathLike, tokenizer: str | Tokenizer = NEOX_NAME,
+            seq_len: int = 2048, *, val_fraction: float = 0.005, text_field: str = "text",
+            workers: int | None = None, shard_tokens: int = 1 << 27, member_bytes: int = 1 << 17,
+            zstd_level: int = 3, batch_bytes: int = 1 << 19, eos_token: str | None = None,
+            overwrite: bool = False, cache: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Tokenize `inputs` and write OUT/{train,val}/*.tar and OUT/manifest.json; return the manifest.
+
+    workers: tokenizer processes (None: one per CPU core; 0: tokenize in this process with the tokenizer's own
+    threads). shard_tokens: approximate tokens per shard. member_bytes: raw token bytes per tar sample (the unit
+    the loader decompresses). batch_bytes: input text per worker task.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    _claim_out_dir(out, overwrite)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer, cache=cache,
+                                                                             eos_token=eos_token)
+    workers = _cpu_count() if workers is None else workers
+    # Workers start (and load the tokenizer) while the inputs are resolved; the built-in corpus may download.
+    pool = _start_pool(tok.spec(), workers) if workers > 0 else None
+    try:
+        sources = resolve_inputs(inputs, cache, text_field)
+        return _prepare(sources, out, tok, pool, inputs, seq_len, val_fraction, text_field, shard_tokens,
+                        member_bytes, zstd_level, batch_bytes, overwrite, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare(sources, out, tok, pool, inputs, seq_len, val_fraction, text_field, shard_tokens, member_bytes,
+             zstd_level, batch_bytes, overwrite, progress) -> dict:
+    dtype = tok.token_dtype
+    rows_per_member = max(1, member_bytes // ((seq_len + 1) * dtype.itemsize))
+    members_per_shard = max(1, math.ceil(shard_tokens / (rows_per_member * seq_len)))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        packers = {s: _Packer(seq_len, rows_per_member, dtype) for s in SPLITS}
+        writers = {s: _SplitWriter(stage, s, members_per_shard, zstd_level) for s in SPLITS}
+        n_docs, t0 = 0, time.perf_counter()
+        from tqdm import tqdm
+
+        total = sum(s.nbytes for s in sources)
+        with tqdm(total=total or None, unit="B", unit_scale=True, desc="prepare", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            batches = (b for src in sources for b in src.batches(batch_bytes))
+            for nbytes, toks, lens in _tokenized(batches, tok, pool):
+                val = _is_val(n_docs, len(lens), val_fraction)
+                n_docs += len(lens)
+                if val.any():
+                    tok_val = np.repeat(val, lens)
+                    parts = {"train": (toks[~tok_val], lens[~val]), "val": (toks[tok_val], lens[val])}
+                else:
+                    parts = {"train": (toks, lens)}
+                for split, (t, n) in parts.items():
+                    for member in packers[split].add(t, n):
+                        writers[split].write(member)
+                bar.update(nbytes)
+                done = sum(p.n_tokens for p in packers.values())
+                bar.set_postfix_str(f"{done / 1e6:.2f}M tok, {done / (time.perf_counter() - t0) / 1e3:.0f}k tok/s",
+                                    refresh=False)
+        for split in SPLITS:
+            for member in packers[split].finish():
+                writers[split].write(member)
+            writers[split].close()
+        if n_docs == 0:
+            raise InputError(f"the inputs hold no non-empty documents: {', '.join(s.name for s in sources)}")
+        if packers["train"].rows == 0:
+            raise InputError(f"the corpus gives no full training row: {packers['train'].n_tokens} tokens < "
+                             f"seq_len + 1 = {seq_len + 1}")
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "tokenizer": tok.identity(),
+            "seq_len": seq_len, "row_len": seq_len + 1, "row_stride": seq_len,
+            "token_dtype": dtype.name, "rows_per_member": rows_per_member, "members": [f"{m}.npy.zst" for m in MEMBERS],
+            "compression": {"codec": "zstd", "level": zstd_level},
+            "inputs": [str(x) for x in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
+            "text_field": text_field, "val_fraction": val_fraction,
+            "splits": {
+                s: {"rows": packers[s].rows, "tokens": packers[s].rows * seq_len, "documents": packers[s].n_docs,
+                    "stream_tokens": packers[s].n_tokens, "dropped_tail_tokens": packers[s].dropped_tokens,
+                    "shards": writers[s].shards}
+                for s in SPLITS},
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _install(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _install(stage: Path, out: Path) -> None:
+    """Rename the finished staging directory into place; an old prepared directory is replaced only now."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mamba-dist prepare",
+        description="Tokenize a corpus and pack it into zstd webdataset shards (rows of seq_len+1 tokens with "
+                    "document boundaries) plus manifest.json.")
+    p.add_argument("inputs", nargs="*", default=["builtin"],
+                   help="files (.txt, .jsonl, .jsonl.gz, .jsonl.zst), directories, globs, or builtin / "
+                        "builtin:shakespeare / builtin:kjv / builtin:pydoc (default: builtin)")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument("--tokenizer", default=NEOX_NAME,
+                   help="gpt-neox-20b (default), byte, a tokenizer.json path, or a hub name (needs network)")
+    p.add_argument("--seq-len", type=int, default=2048, help="training sequence length (rows hold seq_len+1)")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents in the val split")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the document text")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU cores; 0: none)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="approximate tokens per shard")
+    p.add_argument("--member-bytes", type=int, default=1 << 17, help="raw token bytes per tar sample")
+    p.add_argument("--zstd-level", type=int, default=3)
+    p.add_argument("--eos-token", default=None, help="end-of-document token of a custom tokenizer.json")
+    p.add_argument("--cache-dir", default=None, help="download cache (default: $MAMBA_DIST_CACHE or "
+                                                     "~/.cache/mamba_dist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        m = prepare(args.inputs, args.out, args.tokenizer, args.seq_len, val_fraction=args.val_fraction,
+                    text_field=args.text_field, workers=args.workers, shard_tokens=args.shard_tokens,
+                    member_bytes=args.member_bytes, zstd_level=args.zstd_level, eos_token=args.eos_token,
+                    overwrite=args.overwrite, cache=args.cache_dir, progress=not args.quiet)
+    except (InputError, TokenizerError, FetchError, FileExistsError, ValueError) as e:
+        print(f"mamba-dist prepare: error: {e}", file=sys.stderr)
+        return 1
+    dt = time.perf_counter() - t0
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    total = tr["stream_tokens"] + va["stream_tokens"]
+    print(f"prepared {total:,} tokens from {tr['documents'] + va['documents']:,} documents in {dt:.1f} s "
+          f"({total / dt / 1e3:,.0f}k tok/s) with {m['tokenizer']['name']}: train {tr['rows']:,} rows in "
+          f"{len(tr['shards'])} shard(s), val {va['rows']:,} rows; seq_len {m['seq_len']} -> "
+          f"{Path(args.out) / MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
