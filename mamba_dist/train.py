@@ -43,9 +43,12 @@ log = logging.getLogger("mamba_dist.train")
 
 
 # ============================================================================================ setup (no process group)
-def prepare_config(config_path: Optional[str], overrides: list[str], world_size: int) -> tuple[Config, Derived]:
+def prepare_config(config_path: Optional[str], overrides: list[str],
+                   world_size: int) -> tuple[Config, Derived, Optional[tuple[str, dict]]]:
     """Load and validate everything that can be checked before a process group exists: the config, the launch
-    size, the prepared data's manifest and the parallel layout. Raises ConfigError (one line, naming the field)."""
+    size, the prepared data's manifest, the parallel layout, and the checkpoint to resume from (if any).
+    Returns (config, derived sizes, (checkpoint path, its meta) or None). Raises ConfigError or CheckpointError
+    (one line, naming the field or file)."""
     cfg = load_config(config_path, overrides)
     derived = validate_runtime(cfg, world_size)
     _check_data(cfg, derived.dp_size)
@@ -60,7 +63,12 @@ def prepare_config(config_path: Optional[str], overrides: list[str], world_size:
         # loop's hooks; fail clearly instead of silently training without it.
         raise ConfigError("parallel.zero_stage: DeepSpeed ZeRO is not wired into the trainer yet; use "
                           "parallel.zero_stage=0 (DDP)")
-    return cfg, derived
+    path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
+    if path is None:
+        return cfg, derived, None
+    meta = ckpt.read_meta(path)
+    ckpt.check_compatible(path, meta, cfg.to_dict(), world_size)
+    return cfg, derived, (path, meta)
 
 
 def _check_data(cfg: Config, dp_size: int) -> None:
@@ -262,8 +270,9 @@ def _peak_flops(cfg: Config, device: torch.device) -> Optional[float]:
     return measure_cpu_matmul_flops()
 
 
-def train(cfg: Config, derived: Derived) -> dict:
-    """Run training to the end; returns a summary (first/last validation loss, steps, paths)."""
+def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = None) -> dict:
+    """Run training to the end, from scratch or from `resume` = (checkpoint dir, its meta) as checked by
+    prepare_config; returns a summary (first/last validation loss, steps, paths)."""
     from mamba_dist.data import build_loader
     from mamba_dist.model import MambaLMHeadModel
     from mamba_dist.parallel.ac import selected_layers
@@ -300,10 +309,8 @@ def train(cfg: Config, derived: Derived) -> dict:
         val_start = val_loader.state_dict() if val_loader is not None else None
 
         prog = Progress()
-        resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, ckpt_dir)
+        resume_from, meta = resume or (None, None)
         if resume_from is not None:
-            meta = ckpt.read_meta(resume_from)
-            ckpt.check_compatible(resume_from, meta, cfg.to_dict(), derived.world_size)
             load_model_and_optimizer(resume_from, model, optimizer, scheduler, dims)
             rank_state = ckpt.load_rank_state(resume_from, dims.rank)
             train_loader.load_state_dict(rank_state["loader"])
@@ -444,8 +451,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     _setup_logging(rank)
     user_errors = _user_errors()
     try:
-        cfg, derived = prepare_config(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", 1)))
-        summary = train(cfg, derived)
+        cfg, derived, resume = prepare_config(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", 1)))
+        summary = train(cfg, derived, resume)
     except user_errors as e:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             print(f"mamba-dist train: error: {e}", file=sys.stderr)

@@ -68,9 +68,12 @@ def losses(run_dir, kind: str = "train", key: str = "loss") -> dict[int, float]:
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one line a failed run printed on stderr (asserts it is exactly one line)."""
+    """The error a failed run printed: exactly one line on stderr, and the last one; before it only our own
+    timestamped progress log lines (no traceback)."""
     assert proc.returncode == 2, f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr}"
-    assert lines[0].startswith("mamba-dist train: error: "), lines[0]
-    return lines[0]
+    errors = [ln for ln in lines if "error" in ln.lower() or "traceback" in ln.lower()]
+    assert len(errors) == 1 and errors[0] == lines[-1], f"expected one error line, got:\n{proc.stderr}"
+    assert all(" [rank " in ln for ln in lines[:-1]), f"unexpected output before the error:\n{proc.stderr}"
+    assert lines[-1].startswith("mamba-dist train: error: "), lines[-1]
+    return lines[-1]

@@ -34,7 +34,7 @@ def test_run_writes_config_metrics_tensorboard_checkpoints(tmp_path):
     assert train[-1]["lr"] < train[2]["lr"]
     val = losses(run, "val", "val_loss")
     assert sorted(val) == [0, 3, 6]
-    assert val[6] < val[0] - 0.5, val  # it learns (uniform over 257 bytes is 5.55)
+    assert val[0] > val[3] > val[6] and val[6] < val[0] - 0.2, val  # it learns (uniform over 257 bytes: 5.55)
 
     # TensorBoard scalars, read back with tensorboard's own reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
