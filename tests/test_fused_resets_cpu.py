@@ -39,9 +39,11 @@ def _emulated_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=No
 
 
 def _emulated_causal_conv1d_fn(x, weight, bias=None, seq_idx=None, activation=None):
-    if seq_idx is not None:  # causal_conv1d's channel-last-only seq_idx path
-        assert x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, x.stride()
-        assert seq_idx.dtype == torch.int32 and seq_idx.is_contiguous()
+    channel_last = x.stride(1) == 1 and x.stride(2) > 1
+    if channel_last:  # the kernel's constraints on that layout
+        assert x.shape[1] % 8 == 0 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0, x.stride()
+    if seq_idx is not None:  # seq_idx: channel-last only
+        assert channel_last and seq_idx.dtype == torch.int32 and seq_idx.is_contiguous()
     return ref.causal_conv1d(x, weight, bias, seq_idx, activation)
 
 
@@ -116,13 +118,14 @@ def test_doc_starts_cached_per_seq_idx_object(emulated_kernels):
     assert fused._doc_starts(s) is not first and fused._doc_starts(s)[0].numel() == len(expected) + 1
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "strided_channel_last", "pad_channels"])
-def test_causal_conv1d_layouts(emulated_kernels, layout):
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "strided_channel_last", "pad_channels", "strided_C20"])
+def test_causal_conv1d_layouts(emulated_kernels, layout, packed):
     torch.manual_seed(2)
-    seq_idx = seq_idx_of(LAYOUTS)
-    C = 20 if layout == "pad_channels" else 24
-    if layout == "strided_channel_last":  # what the mixers hand in: a slice of in_proj's output, transposed
-        x = torch.randn(len(LAYOUTS), 40, 2 * C)[..., :C].transpose(1, 2)
+    seq_idx = seq_idx_of(LAYOUTS) if packed else None
+    C = 20 if layout in ("pad_channels", "strided_C20") else 24
+    if layout.startswith("strided"):  # what the mixers hand in: a slice of in_proj's output, transposed
+        x = torch.randn(len(LAYOUTS), 40, 3 * C)[..., C:2 * C].transpose(1, 2)
     else:
         x = torch.randn(len(LAYOUTS), C, 40)
     x.requires_grad_()

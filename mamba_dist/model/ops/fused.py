@@ -31,20 +31,25 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, seq_
                   activation: Optional[str] = None) -> Tensor:
     """causal_conv1d_fn. x (B, C, L), weight (C, W), bias (C,) -> (B, C, L).
 
-    With seq_idx the kernel only has a channel-last path (x.stride(1) == 1, with x.stride(0) and x.stride(2)
-    multiples of 8): a strided view that already satisfies this goes in as is (the Mamba mixers hand in
-    `in_proj(...)[..., slice].transpose(1, 2)`), anything else is copied to that layout, channels padded with zeros
-    to a multiple of 8. The output is then channel-last too."""
+    The kernel treats any x with x.stride(1) == 1 (and x.stride(2) > 1) as channel-last, a layout it accepts only
+    with C and x.stride(0), x.stride(2) multiples of 8, and it has a seq_idx path for that layout only. The Mamba
+    mixers hand in `in_proj(...)[..., slice].transpose(1, 2)`, a channel-last view that normally qualifies and goes
+    in as is. Otherwise: without seq_idx, x is made contiguous (the channel-first path has no such constraints);
+    with seq_idx, x is copied to channel-last, channels zero-padded to a multiple of 8."""
     from causal_conv1d import causal_conv1d_fn
 
     W = weight.shape[-1]
     if not 2 <= W <= 4:
         raise ValueError(f"fused causal_conv1d supports kernel widths 2..4, got {W}; use backend='reference'")
-    if seq_idx is None:
-        return causal_conv1d_fn(x, weight, bias, activation=activation)
     Bsz, C, L = x.shape
+    channel_last = x.stride(1) == 1 and x.stride(2) > 1
+    channel_last_ok = C % 8 == 0 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0
+    if seq_idx is None:
+        if channel_last and not channel_last_ok:
+            x = x.contiguous()
+        return causal_conv1d_fn(x, weight, bias, activation=activation)
     pad = (-C) % 8
-    if pad or not (x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0):
+    if not (channel_last and channel_last_ok):
         xt = x.transpose(1, 2)  # (B, L, C)
         xt = F.pad(xt, (0, pad)) if pad else xt.contiguous()
         x = xt.transpose(1, 2)
