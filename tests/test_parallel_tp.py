@@ -3,7 +3,8 @@
 For Mamba-1 and Mamba-2 with packed documents (seq_idx resets on), TP=2 and TP=4, with and without sequence
 parallelism: the gathered logits, the loss and every parameter gradient (gathered back to full shape) equal the
 single-process model's within 1e-5 (relative to each tensor's largest entry). Activation recomputation on top of
-TP + SP gives the same gradients and really recomputes. One spawn serves all cases
+TP + SP gives the same gradients and really recomputes. Weights and AdamW state saved at TP=2 in the
+layout-independent form continue training at TP=4. One spawn serves all cases
 (module-scoped fixture): spawning and importing megatron costs ~8 s per spawn on 2 cores.
 """
 
@@ -57,6 +58,7 @@ def _tp_worker(rank, world, kinds):
                 "n_grads": len(grads),
             }
         out[(kind, "ac")] = _ac_check(base, ids, labels, seq_idx, ref_grads, world)
+    out["reshard"] = _reshard_check(build_model("mamba2"), world)
     return out
 
 
@@ -77,12 +79,45 @@ def _ac_check(base, ids, labels, seq_idx, ref_grads, world):
             "mixer_calls_per_layer": len(calls) / len(model.backbone.layers)}
 
 
+def _reshard_check(base, world):
+    """TP=2 training state (weights + AdamW moments) saved in the layout-independent form resumes at TP=4."""
+    from mamba_dist.parallel import (ParallelDims, adamw_param_groups, apply_tp, full_optimizer_state_dict,
+                                     full_state_dict, load_full_optimizer_state_dict, load_full_state_dict, loss_fn)
+
+    def step(model, opt, dims, s):
+        ids, labels, seq_idx = batch(base, seed=200 + s)
+        loss = loss_fn(model(ids, seq_idx=seq_idx), labels, dims)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def make(dims):
+        model = apply_tp(copy.deepcopy(base), dims)
+        return model, torch.optim.AdamW(adamw_param_groups(model, 0.1), lr=1e-2)
+
+    dims2 = ParallelDims(tp=2, world_size=world).build()
+    m2, opt2 = make(dims2)
+    for s in range(2):
+        step(m2, opt2, dims2, s)
+    sd, osd = full_state_dict(m2, dims2), full_optimizer_state_dict(m2, opt2, dims2)
+    continued = [step(m2, opt2, dims2, s) for s in (2, 3)]
+    dims4 = ParallelDims(tp=4, world_size=world).build()
+    m4, opt4 = make(dims4)
+    load_full_state_dict(m4, sd, dims4)
+    load_full_optimizer_state_dict(m4, opt4, osd, dims4)
+    resumed = [step(m4, opt4, dims4, s) for s in (2, 3)]
+    return {"keys_equal": list(sd) == list(base.state_dict()), "continued": continued, "resumed": resumed}
+
+
 @pytest.fixture(scope="module")
 def tp_results():
     per_rank = run_ranks(_tp_worker, 4, ("mamba1", "mamba2", "mamba2-mlp"))
-    merged = {}
+    merged = {"reshard": per_rank[0]["reshard"]}
     for res in per_rank:
         for key, errs in res.items():
+            if key == "reshard":
+                continue
             cur = merged.setdefault(key, dict(errs))
             for k in ("logits", "loss", "grad"):
                 if k in errs:
@@ -105,3 +140,9 @@ def test_activation_recomputation_under_tp(tp_results, kind):
     r = tp_results[(kind, "ac")]
     assert r["mixer_calls_per_layer"] == 2  # forward + recomputation in backward
     assert r["grad"] <= TOL, r
+
+
+def test_resume_on_another_tp_degree(tp_results):
+    r = tp_results["reshard"]
+    assert r["keys_equal"]  # full_state_dict has exactly the single-process (mamba_ssm) keys
+    assert max(abs(a - b) / abs(b) for a, b in zip(r["resumed"], r["continued"])) <= TOL, r

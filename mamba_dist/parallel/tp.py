@@ -246,42 +246,88 @@ def _register_sp_grad_hooks(model: nn.Module, group) -> None:
 
 
 # --------------------------------------------------------------------------------------------- state dicts
+# Layout-independent (single-process, mamba_ssm-format) views of a TP model's weights, gradients and optimizer
+# state: saving these lets a run resume on another TP degree, and lets checkpoints be exported or compared.
 
 
-def _param_by_name(model: nn.Module) -> dict:
-    return dict(model.named_parameters(remove_duplicate=False))
+def _gather_full(t: torch.Tensor, p: torch.Tensor, dims) -> torch.Tensor:
+    """Full tensor from this rank's shard `t` of parameter `p` (collective over TP); `t` itself if p is
+    replicated."""
+    t = t.detach()
+    if dims is not None and dims.tp_enabled and is_tp_sharded(p) and t.shape == p.shape:
+        import torch.distributed as dist
+
+        shards = [torch.empty_like(t) for _ in range(dims.tp)]
+        dist.all_gather(shards, t.contiguous(), group=dims.tp_group)
+        t = unshard_tensors(shards, p.partition_dim, p.tp_segments)
+    return t.cpu().clone()
+
+
+def _local_slice(t: torch.Tensor, p: torch.Tensor, dims) -> torch.Tensor:
+    if dims is not None and dims.tp_enabled and is_tp_sharded(p) and t.dim() == p.dim() and t.dim() > 0:
+        return shard_tensor(t, p.partition_dim, p.tp_segments, dims.tp_rank, dims.tp)
+    return t
 
 
 def full_state_dict(model: nn.Module, dims=None) -> dict:
     """The single-process (mamba_ssm-format) state dict of a TP model, gathered over the TP group; identical on
-    every rank, tensors on CPU. Names are the model's (mamba_ssm's) names. Collective: call on every rank."""
-    import torch.distributed as dist
-
-    params = _param_by_name(model)
-    out = {}
-    for name, t in model.state_dict().items():
-        p = params.get(name)
-        t = t.detach()
-        if p is not None and is_tp_sharded(p) and dims is not None and dims.tp_enabled:
-            shards = [torch.empty_like(t) for _ in range(dims.tp)]
-            dist.all_gather(shards, t.contiguous(), group=dims.tp_group)
-            t = unshard_tensors(shards, p.partition_dim, p.tp_segments)
-        out[name] = t.cpu().clone()
-    return out
+    every rank, tensors on CPU. Collective: call on every rank. Pass the unwrapped model (see `unwrap`)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: _gather_full(t, params[name], dims) if name in params else t.detach().cpu().clone()
+            for name, t in model.state_dict().items()}
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict, dims=None, strict: bool = True) -> None:
     """Load a single-process (mamba_ssm-format) state dict into a TP model: each rank copies its slices."""
-    params = _param_by_name(model)
-    local = {}
-    for name, t in state_dict.items():
-        p = params.get(name)
-        if p is not None and is_tp_sharded(p) and dims is not None and dims.tp_enabled:
-            t = shard_tensor(t, p.partition_dim, p.tp_segments, dims.tp_rank, dims.tp)
-        local[name] = t
+    params = dict(model.named_parameters(remove_duplicate=False))
+    local = {name: _local_slice(t, params[name], dims) if name in params else t for name, t in state_dict.items()}
     missing, unexpected = model.load_state_dict(local, strict=False)
     if strict and (missing or unexpected):
         raise KeyError(f"state dict mismatch: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+
+
+def full_grad_dict(model: nn.Module, dims=None) -> dict:
+    """Gradients gathered to full (single-process) shapes, keyed by parameter name (a tied parameter under its
+    first name). Collective: call on every rank."""
+    return {name: _gather_full(p.grad, p, dims) for name, p in model.named_parameters() if p.grad is not None}
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, dims=None) -> dict:
+    """A torch optimizer's state keyed by parameter *name*, with per-parameter tensors (AdamW's exp_avg,
+    exp_avg_sq) gathered to full shape: {"state": {name: {...}}, "param_groups": [{..., "params": [names]}]}.
+    Loadable at any TP degree with `load_full_optimizer_state_dict`. Collective: call on every rank."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state, groups = {}, []
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            if p in optimizer.state:
+                state[names[id(p)]] = {k: _gather_full(v, p, dims) if torch.is_tensor(v) else v
+                                       for k, v in optimizer.state[p].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, full: dict,
+                                   dims=None) -> None:
+    """Inverse of `full_optimizer_state_dict` on a model of any TP degree with the same parameter groups."""
+    params = dict(model.named_parameters())
+    saved_groups = full["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer has {len(optimizer.param_groups)} parameter groups, the checkpoint "
+                         f"{len(saved_groups)}")
+    names = {id(p): n for n, p in params.items()}
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        mine = [names[id(p)] for p in group["params"]]
+        if mine != saved["params"]:
+            raise ValueError("optimizer parameter groups differ from the checkpoint's "
+                             f"(first difference near {next((a for a, b in zip(mine, saved['params']) if a != b), '?')})")
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    optimizer.state.clear()
+    for name, st in full["state"].items():
+        p = params[name]
+        optimizer.state[p] = {k: _local_slice(v, p, dims).to(p.device).clone() if torch.is_tensor(v) else v
+                              for k, v in st.items()}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -291,23 +337,5 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["apply_tp", "check_tp_layout", "full_state_dict", "full_grad_dict", "load_full_state_dict", "unwrap"]
-
-
-
-def full_grad_dict(model: nn.Module, dims=None) -> dict:
-    """Gradients of a TP model gathered to full (single-process) shapes, keyed by parameter name (tied
-    parameters under their first name). Collective: call on every rank."""
-    import torch.distributed as dist
-
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        g = p.grad.detach()
-        if is_tp_sharded(p) and dims is not None and dims.tp_enabled:
-            shards = [torch.empty_like(g) for _ in range(dims.tp)]
-            dist.all_gather(shards, g.contiguous(), group=dims.tp_group)
-            g = unshard_tensors(shards, p.partition_dim, p.tp_segments)
-        out[name] = g.cpu().clone()
-    return out
+__all__ = ["apply_tp", "check_tp_layout", "full_state_dict", "load_full_state_dict", "full_grad_dict",
+           "full_optimizer_state_dict", "load_full_optimizer_state_dict", "unwrap"]
