@@ -277,8 +277,8 @@ def prepare(inputs: str | Sequence[str], out_dir: str | os.PathLike, tokenizer: 
             overwrite: bool = False, cache: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Tokenize `inputs` and write OUT/{train,val}/*.tar and OUT/manifest.json; return the manifest.
 
-    workers: tokenizer processes (None: one per CPU core; 0: tokenize in this process with the tokenizer's own
-    threads). shard_tokens: approximate tokens per shard. member_bytes: raw token bytes per tar sample (the unit
+    workers: tokenizer processes (None: one per CPU core, none for the byte tokenizer; 0: tokenize in this
+    process with the tokenizer's own threads). shard_tokens: approximate tokens per shard. member_bytes: raw token bytes per tar sample (the unit
     the loader decompresses). batch_bytes: input text per worker task.
     """
     if seq_len < 1:
@@ -289,7 +289,8 @@ def prepare(inputs: str | Sequence[str], out_dir: str | os.PathLike, tokenizer: 
     _claim_out_dir(out, overwrite)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer, cache=cache,
                                                                              eos_token=eos_token)
-    workers = _cpu_count() if workers is None else workers
+    if workers is None:  # byte "tokenizing" is a numpy view: a process pool would only add start-up time
+        workers = 0 if tok.path is None else _cpu_count()
     # Workers start (and load the tokenizer) while the inputs are resolved; the built-in corpus may download.
     pool = _start_pool(tok.spec(), workers) if workers > 0 else None
     try:
@@ -424,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({total / dt / 1e3:,.0f}k tok/s) with {m['tokenizer']['name']}: train {tr['rows']:,} rows in "
           f"{len(tr['shards'])} shard(s), val {va['rows']:,} rows; seq_len {m['seq_len']} -> "
           f"{Path(args.out) / MANIFEST}")
+    if va["rows"] == 0 and args.val_fraction > 0:
+        print(f"note: the val split holds no full row ({va['documents']} documents); raise --val-fraction for "
+              f"validation data", file=sys.stderr)
     return 0
 
 
