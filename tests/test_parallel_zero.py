@@ -20,6 +20,7 @@ processes in well under a second, while a spawn costs ~8 s.
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -136,11 +137,21 @@ def _resume(base, dims, ckpt_dir):
     first = _engine(base, dims, 2, CLIP)
     _train(first, base, dims, 3)
     save_engine_checkpoint(first, ckpt_dir, "step3", client_state={"step": 3})
+    errors = []
+    try:  # an existing tag is refused on every rank (nobody is left waiting at a barrier)
+        save_engine_checkpoint(first, ckpt_dir, "step3")
+    except FileExistsError as e:
+        errors.append(str(e))
+    try:
+        load_engine_checkpoint(first, os.path.join(ckpt_dir, "nowhere"))
+    except FileNotFoundError as e:
+        errors.append(str(e))
     del first
     resumed = _engine(_perturbed(base, seed=7), dims, 2, CLIP)  # different weights: the load must replace them
     state = load_engine_checkpoint(resumed, ckpt_dir)
     after, _ = _train(resumed, base, dims, STEPS - 3, first_step=3)
-    return {"full": full[3:], "resumed": after, "client_state": state.get("step")}
+    return {"full": full[3:], "resumed": after, "client_state": state.get("step"), "errors": errors,
+            "files": sorted(os.listdir(ckpt_dir))}
 
 
 def _perturbed(base, seed):
@@ -222,6 +233,9 @@ def test_zero2_tp2_resume_is_exact(zero_tp2):
     r = zero_tp2["resume"]
     assert r["client_state"] == 3
     assert r["resumed"] == r["full"], r
+    assert r["files"] == ["latest", "step3", "zero_to_fp32.py", "zero_to_torch.py"]  # no temporary left
+    assert len(r["errors"]) == 2 and all("\n" not in e for e in r["errors"]), r["errors"]
+    assert "already exists" in r["errors"][0] and "no DeepSpeed checkpoint" in r["errors"][1]
 
 
 def test_ddp_tp_sequence_parallel_ac_clip(zero_tp2):

@@ -67,14 +67,14 @@ class ParallelDims:
     @classmethod
     def from_env(cls, cfg: Any = None, **overrides) -> "ParallelDims":
         """Degrees from a config section (attributes `tp`, `dp`, `sequence_parallel`; any missing take defaults)
-        and the world size from the initialized process group or the launcher's WORLD_SIZE (torchrun, deepspeed,
-        or SLURM_NTASKS under srun)."""
+        and the world size from the initialized process group or the launcher's WORLD_SIZE (torchrun and the
+        deepspeed launcher set it; 1 without a launcher)."""
         vals = {k: getattr(cfg, k) for k in ("tp", "dp", "sequence_parallel") if cfg is not None and hasattr(cfg, k)}
         vals.update(overrides)
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
         else:
-            world = _env_int("WORLD_SIZE", _env_int("SLURM_NTASKS", 1))
+            world = _env_int("WORLD_SIZE", 1)
         return cls(world_size=world, **vals)
 
     def build(self, backend: Optional[str] = None, timeout_minutes: int = 30) -> "ParallelDims":

@@ -173,18 +173,18 @@ def build_deepspeed_engine(model: torch.nn.Module, optim_cfg: Any, dims, *, zero
     config = deepspeed_config(zero_stage=zero_stage, precision=precision, grad_clip=grad_clip,
                               micro_batch_size=micro_batch_size, grad_accum=grad_accum, model=model,
                               extra=extra_config)
-    os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed reads it; spawned test ranks may not set it
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            lr_scheduler=lr_scheduler, mpu=DeepSpeedMPU(dims),
                                            dist_init_required=False)
-    if precision == "bf16":
-        _check_fp32_ssm_params(engine.module)
+    _check_fp32_ssm_params(engine.module)
     return engine
 
 
 def _check_fp32_ssm_params(model: torch.nn.Module) -> None:
+    """Guard against a config (e.g. extra_config={"bf16": {"enabled": True}}) that casts the SSM parameters."""
     bad = [n for n, p in model.named_parameters()
-           if n.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias") and p.dtype != torch.float32]
+           if (n.rsplit(".", 1)[-1] in ("A_log", "D", "dt_bias") or n.endswith("dt_proj.bias"))
+           and p.dtype != torch.float32]
     if bad:
         raise RuntimeError(f"SSM parameters not in fp32 under DeepSpeed: {bad[:3]}")
 
@@ -198,9 +198,9 @@ def save_engine_checkpoint(engine, save_dir: str, tag: str, client_state: Option
     """
     tmp_root = os.path.join(save_dir, f".tmp-{tag}")
     final = os.path.join(save_dir, tag)
+    if os.path.exists(final):  # checked on every rank (shared filesystem), so no rank waits at a barrier alone
+        raise FileExistsError(f"checkpoint {final} already exists")
     if dist.get_rank() == 0:
-        if os.path.exists(final):
-            raise FileExistsError(f"checkpoint {final} already exists")
         shutil.rmtree(tmp_root, ignore_errors=True)  # left over from a crash during an earlier save
     dist.barrier()
     engine.save_checkpoint(tmp_root, tag=tag, client_state=client_state or {}, save_latest=False)
