@@ -4,7 +4,8 @@
 launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and an initialized gloo process group, runs
 `fn(rank, world_size, *args)` and returns the list of return values in rank order. An exception on any rank fails
 the caller with that rank's traceback; a hang fails after `timeout` seconds instead of blocking the suite.
-`fn` must be a module-level function (it is pickled by reference).
+`fn` must be a module-level function (it is pickled by reference) and should return plain Python values: a
+tensor crosses the queue as a shared-memory handle that dies with its rank.
 """
 
 from __future__ import annotations

@@ -59,7 +59,19 @@ def _tp_worker(rank, world, kinds):
             }
         out[(kind, "ac")] = _ac_check(base, ids, labels, seq_idx, ref_grads, world)
     out["reshard"] = _reshard_check(build_model("mamba2"), world)
+    out["comm"] = _comm_check()
     return out
+
+
+def _comm_check():
+    """copy_to_tp must all-reduce a non-contiguous gradient too (megatron's own mapping silently skips it)."""
+    import torch.distributed as dist
+
+    from mamba_dist.parallel.comm import copy_to_tp
+
+    x = torch.ones(3, 4, requires_grad=True)
+    (copy_to_tp(x, dist.group.WORLD).t() * (dist.get_rank() + 1)).sum().backward()  # transposed gradient
+    return x.grad.unique().tolist()
 
 
 def _ac_check(base, ids, labels, seq_idx, ref_grads, world):
@@ -113,10 +125,10 @@ def _reshard_check(base, world):
 @pytest.fixture(scope="module")
 def tp_results():
     per_rank = run_ranks(_tp_worker, 4, ("mamba1", "mamba2", "mamba2-mlp"))
-    merged = {"reshard": per_rank[0]["reshard"]}
+    merged = {"reshard": per_rank[0]["reshard"], "comm": [r["comm"] for r in per_rank]}
     for res in per_rank:
         for key, errs in res.items():
-            if key == "reshard":
+            if key in ("reshard", "comm"):
                 continue
             cur = merged.setdefault(key, dict(errs))
             for k in ("logits", "loss", "grad"):
@@ -146,3 +158,7 @@ def test_resume_on_another_tp_degree(tp_results):
     r = tp_results["reshard"]
     assert r["keys_equal"]  # full_state_dict has exactly the single-process (mamba_ssm) keys
     assert max(abs(a - b) / abs(b) for a, b in zip(r["resumed"], r["continued"])) <= TOL, r
+
+
+def test_copy_to_tp_reduces_non_contiguous_gradients(tp_results):
+    assert tp_results["comm"] == [[10.0]] * 4  # 1 + 2 + 3 + 4 on every rank

@@ -31,9 +31,22 @@ __all__ = [
 SEQ_DIM = 1
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity; makes the incoming gradient contiguous. megatron's `_reduce` all-reduces `grad.contiguous()` and
+    returns `grad`, so a non-contiguous gradient would silently skip its all-reduce."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce of the gradient backward (entry into a TP region)."""
-    return copy_to_tensor_model_parallel_region(x, group=group)
+    return _ContiguousGrad.apply(copy_to_tensor_model_parallel_region(x, group=group))
 
 
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
