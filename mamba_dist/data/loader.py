@@ -230,19 +230,28 @@ class _BatchDataset(Dataset):
         return batch
 
 
+class _Cursor:
+    """Where the loader stands: shared by PackedLoader and its sampler. (The sampler must not point back at the
+    loader: that reference cycle leaves the DataLoader to the cyclic garbage collector, which can close the
+    worker queues before the DataLoader's shutdown runs, and each worker then takes 5 s to time out.)"""
+
+    def __init__(self, n_batches: int):
+        self.epoch, self.position, self.n_batches = 0, 0, n_batches
+
+
 class _Sampler(Sampler):
-    """Yields (epoch, j) from the loader's current position; read at each iter(), so it works with
+    """Yields (epoch, j) from the cursor's current position; read at each iter(), so it works with
     persistent workers."""
 
-    def __init__(self, loader: "PackedLoader"):
-        self.loader = loader
+    def __init__(self, cursor: _Cursor):
+        self.cursor = cursor
 
     def __iter__(self):
-        e, start = self.loader.epoch, self.loader.position
-        return iter([(e, j) for j in range(start, len(self.loader))])
+        c = self.cursor
+        return iter([(c.epoch, j) for j in range(c.position, c.n_batches)])
 
     def __len__(self) -> int:
-        return len(self.loader) - self.loader.position
+        return self.cursor.n_batches - self.cursor.position
 
 
 def _identity(x):
@@ -304,11 +313,11 @@ class PackedLoader:
         if len(self._dataset) == 0:
             raise ValueError(f"split {split!r} of {self.root} has {self._reader.n_rows} rows, fewer than "
                              f"dp_size x micro_batch_size = {dp_size * micro_batch_size}: not one batch per rank")
-        self.epoch, self.position = 0, 0
+        self._cursor = _Cursor(len(self._dataset))
         self.num_workers = num_workers
         kw = {} if num_workers == 0 else {"persistent_workers": True, "prefetch_factor": prefetch_factor or 2}
         self.pin_memory = pin_memory
-        self._dl = DataLoader(self._dataset, batch_size=None, sampler=_Sampler(self), num_workers=num_workers,
+        self._dl = DataLoader(self._dataset, batch_size=None, sampler=_Sampler(self._cursor), num_workers=num_workers,
                               collate_fn=_identity, **kw)
 
     # --- the contract ---------------------------------------------------------------------------------------
@@ -324,22 +333,34 @@ class PackedLoader:
     def tokens_per_batch(self) -> int:
         return self.B * self.manifest["seq_len"]
 
+    @property
+    def epoch(self) -> int:
+        return self._cursor.epoch
+
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch handed out so far."""
+        return self._cursor.position
+
+    def _seek(self, epoch: int, position: int) -> None:
+        self._cursor.epoch, self._cursor.position = epoch, position
+
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch; a no-op for the current epoch, so a resumed position survives."""
         if epoch != self.epoch:
-            self.epoch, self.position = epoch, 0
+            self._seek(epoch, 0)
 
     def __iter__(self):
         if self.position >= len(self):
-            self.epoch, self.position = self.epoch + 1, 0
+            self._seek(self.epoch + 1, 0)
         for arrays in self._dl:
             batch = {k: torch.from_numpy(v) for k, v in arrays.items()}
             if self.pin_memory:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
-            self.position += 1
+            self._cursor.position += 1
             yield batch
         if self.position >= len(self):
-            self.epoch, self.position = self.epoch + 1, 0
+            self._seek(self.epoch + 1, 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
@@ -355,7 +376,7 @@ class PackedLoader:
         if state["rows_consumed"] % g:
             raise ValueError(f"loader state consumed {state['rows_consumed']} rows of epoch {state['epoch']}, "
                              f"not a multiple of this run's dp_size x micro_batch_size = {g}")
-        self.epoch, self.position = int(state["epoch"]), state["rows_consumed"] // g
+        self._seek(int(state["epoch"]), state["rows_consumed"] // g)
 
 
 def build_loader(data_dir: str | os.PathLike, split: str, micro_batch_size: int, seq_len: int, dp_rank: int = 0,

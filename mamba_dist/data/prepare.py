@@ -49,7 +49,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .cache import FetchError
-from .corpus import DocBatch, InputError, Source, resolve_inputs
+from .corpus import DocBatch, InputError, resolve_inputs
 from .tokenizer import NEOX_NAME, Tokenizer, TokenizerError, load_tokenizer
 
 FORMAT = "mamba-dist-packed-rows"
@@ -78,12 +78,13 @@ class _Packer:
         self.n_tokens = 0
         self.rows = 0
 
-    def add(self, tokens: np.ndarray, lens: np.ndarray) -> Iterator[dict]:
+    def add(self, tokens: np.ndarray, lens: np.ndarray, is_start: np.ndarray) -> Iterator[dict]:
+        """Append pieces of documents; is_start[i] is False where piece i continues the previous document."""
         if len(lens) == 0:
             return
-        starts = self.n_tokens + np.concatenate([[0], np.cumsum(lens[:-1])])
+        starts = (self.n_tokens + np.concatenate([[0], np.cumsum(lens[:-1])]))[is_start]
         self.n_tokens += len(tokens)
-        self.n_docs += len(lens)
+        self.n_docs += int(is_start.sum())
         self.buf = np.concatenate([self.buf, tokens])
         self.starts = np.concatenate([self.starts, starts])
         yield from self._emit(final=False)
@@ -211,9 +212,11 @@ def _worker_init(tok_spec: dict, threads: int) -> None:
     _WORKER["tok"] = Tokenizer.from_spec(tok_spec)
 
 
-def _worker_encode(batch: DocBatch) -> tuple[int, np.ndarray, np.ndarray]:
+def _worker_encode(batch: DocBatch) -> tuple[int, np.ndarray, np.ndarray, bool]:
     toks, lens = _WORKER["tok"].encode_docs(batch.texts())
-    return batch.nbytes, toks, lens
+    if batch.continues and len(lens):  # the document goes on in the next batch: no EOS yet
+        toks, lens = toks[:-1], np.concatenate([lens[:-1], [lens[-1] - 1]])
+    return batch.nbytes, toks, lens, batch.continues
 
 
 def _cpu_count() -> int:
@@ -234,8 +237,9 @@ def _start_pool(tok_spec: dict, workers: int):
                                initargs=(tok_spec, threads))
 
 
-def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, pool) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(input bytes, tokens with EOS, doc lengths) per batch, in input order whatever the worker count."""
+def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, pool) -> Iterator[tuple[int, np.ndarray, np.ndarray, bool]]:
+    """(input bytes, tokens with EOS, doc lengths, last doc continues) per batch, in input order whatever the
+    worker count."""
     if pool is None:  # in-process: the tokenizer's own rayon threads parallelize each batch
         _WORKER["tok"] = tok
         for b in batches:
@@ -252,8 +256,9 @@ def _tokenized(batches: Iterator[DocBatch], tok: Tokenizer, pool) -> Iterator[tu
 
 # ------------------------------------------------------------------------------------------------------- prepare
 
-def _is_val(first: int, n: int, frac: float) -> np.ndarray:
-    i = np.arange(first, first + n, dtype=np.float64)
+def _is_val_doc(doc: np.ndarray, frac: float) -> np.ndarray:
+    """Document i goes to val when floor((i+1)*frac) > floor(i*frac): every 1/frac-th document."""
+    i = doc.astype(np.float64)
     return np.floor((i + 1) * frac) > np.floor(i * frac)
 
 
@@ -278,8 +283,8 @@ def prepare(inputs: str | Sequence[str], out_dir: str | os.PathLike, tokenizer: 
     """Tokenize `inputs` and write OUT/{train,val}/*.tar and OUT/manifest.json; return the manifest.
 
     workers: tokenizer processes (None: one per CPU core, none for the byte tokenizer; 0: tokenize in this
-    process with the tokenizer's own threads). shard_tokens: approximate tokens per shard. member_bytes: raw token bytes per tar sample (the unit
-    the loader decompresses). batch_bytes: input text per worker task.
+    process with the tokenizer's own threads). shard_tokens: approximate tokens per shard. member_bytes: raw
+    token bytes per tar sample (the unit the loader decompresses). batch_bytes: input text per worker task.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -315,23 +320,29 @@ def _prepare(sources, out, tok, pool, inputs, seq_len, val_fraction, text_field,
     try:
         packers = {s: _Packer(seq_len, rows_per_member, dtype) for s in SPLITS}
         writers = {s: _SplitWriter(stage, s, members_per_shard, zstd_level) for s in SPLITS}
-        n_docs, t0 = 0, time.perf_counter()
+        n_docs, carry, t0 = 0, False, time.perf_counter()
         from tqdm import tqdm
 
         total = sum(s.nbytes for s in sources)
         with tqdm(total=total or None, unit="B", unit_scale=True, desc="prepare", disable=not progress,
                   dynamic_ncols=True) as bar:
-            batches = (b for src in sources for b in src.batches(batch_bytes))
-            for nbytes, toks, lens in _tokenized(batches, tok, pool):
-                val = _is_val(n_docs, len(lens), val_fraction)
-                n_docs += len(lens)
+            batches = (b for src in sources for b in src.batches(batch_bytes, tok.splits_at_line_starts))
+            for nbytes, toks, lens, continues in _tokenized(batches, tok, pool):
+                is_start = np.ones(len(lens), bool)
+                if carry and len(lens):
+                    is_start[0] = False  # the piece continues the last document of the previous batch
+                doc = n_docs + np.cumsum(is_start) - 1  # document index of each piece
+                val = _is_val_doc(doc, val_fraction)
+                n_docs += int(is_start.sum())
+                carry = continues if len(lens) else carry
                 if val.any():
                     tok_val = np.repeat(val, lens)
-                    parts = {"train": (toks[~tok_val], lens[~val]), "val": (toks[tok_val], lens[val])}
+                    parts = {"train": (toks[~tok_val], lens[~val], is_start[~val]),
+                             "val": (toks[tok_val], lens[val], is_start[val])}
                 else:
-                    parts = {"train": (toks, lens)}
-                for split, (t, n) in parts.items():
-                    for member in packers[split].add(t, n):
+                    parts = {"train": (toks, lens, is_start)}
+                for split, (t, n, s) in parts.items():
+                    for member in packers[split].add(t, n, s):
                         writers[split].write(member)
                 bar.update(nbytes)
                 done = sum(p.n_tokens for p in packers.values())

