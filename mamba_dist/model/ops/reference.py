@@ -43,50 +43,61 @@ def doc_start(seq_idx: Tensor) -> Tensor:
     return start
 
 
-def _blelloch_(a: Tensor, x: Tensor) -> None:
-    """In place along dim 2 of (B, C, T, R) tensors, T a power of two: afterwards x[:, :, t] is the state h_t of
-    h_t = a_t h_{t-1} + x_t started from zero in each chunk, and a[:, :, t] = prod_{s<=t} a_s."""
+def _blelloch_(a: Tensor, x: Tensor, reverse: bool) -> None:
+    """In place along dim 2 of (B, C, T, R) tensors, T a power of two. Forward: afterwards x[:, :, t] is the state
+    h_t of h_t = a_t h_{t-1} + x_t started from zero in each chunk, and a[:, :, t] = prod_{s<=t} a_s.
+    Reverse: h_t = a_t h_{t+1} + x_t started from zero after each chunk's end, a[:, :, t] = prod_{s>=t} a_s."""
     T = x.shape[2]
     levels = T.bit_length() - 1
-    # up-sweep: each right element of a pair absorbs its left neighbour; then recurse on the right elements
+    # up-sweep: in each pair the later (forward) / earlier (reverse) element absorbs the other; recurse on it
+    recv, donor = (0, 1) if reverse else (1, 0)
     av, xv = a, x
     for _ in range(levels):
         av, xv = av.unflatten(2, (-1, 2)), xv.unflatten(2, (-1, 2))
-        xv[:, :, :, 1].addcmul_(av[:, :, :, 1], xv[:, :, :, 0])
-        av[:, :, :, 1].mul_(av[:, :, :, 0])
-        av, xv = av[:, :, :, 1], xv[:, :, :, 1]
-    # down-sweep: elements at odd multiples of 2^k hold a segment of length 2^k; prepend the full prefix before it
+        xv[:, :, :, recv].addcmul_(av[:, :, :, recv], xv[:, :, :, donor])
+        av[:, :, :, recv].mul_(av[:, :, :, donor])
+        av, xv = av[:, :, :, recv], xv[:, :, :, recv]
+    # down-sweep: the elements at odd multiples of 2^k (forward: block ends; reverse: block starts) hold a segment of
+    # length 2^k; combine each with the full prefix (suffix) of its neighbouring block, known from the level above
     for k in range(levels - 2, -1, -1):
         step = 1 << k
-        av = a[:, :, step - 1::step].unflatten(2, (-1, 2))
-        xv = x[:, :, step - 1::step].unflatten(2, (-1, 2))
-        xv[:, :, 1:, 0].addcmul_(av[:, :, 1:, 0], xv[:, :, :-1, 1])
-        av[:, :, 1:, 0].mul_(av[:, :, :-1, 1])
+        if not reverse:
+            av = a[:, :, step - 1::step].unflatten(2, (-1, 2))
+            xv = x[:, :, step - 1::step].unflatten(2, (-1, 2))
+            xv[:, :, 1:, 0].addcmul_(av[:, :, 1:, 0], xv[:, :, :-1, 1])
+            av[:, :, 1:, 0].mul_(av[:, :, :-1, 1])
+        else:
+            av = a[:, :, ::step].unflatten(2, (-1, 2))
+            xv = x[:, :, ::step].unflatten(2, (-1, 2))
+            xv[:, :, :-1, 1].addcmul_(av[:, :, :-1, 1], xv[:, :, 1:, 0])
+            av[:, :, :-1, 1].mul_(av[:, :, 1:, 0])
 
 
-def _scan(a: Tensor, b: Tensor) -> Tensor:
-    """h_t = a_t * h_{t-1} + b_t along dim 1 of (B, L, R) fp32 tensors, h_{-1} = 0. Inputs are not modified."""
+def _scan(a: Tensor, b: Tensor, reverse: bool = False, shift_a: bool = False) -> Tensor:
+    """h_t = a_t h_{t-1} + b_t (reverse: h_t = a_t h_{t+1} + b_t) along dim 1 of (B, L, R) fp32 tensors, from a zero
+    state. shift_a uses a_{t+1} in place of a_t (the backward pass's recurrence). Inputs are not modified."""
     Bsz, L, R = b.shape
     T = min(CHUNK, 1 << max(L - 1, 0).bit_length())
     nc = -(-L // T)
-    pad = nc * T - L
-    # fresh contiguous copies (the sweeps work in place); padded steps (a=1, b=0) come after the data, harmless
-    A = F.pad(a, (0, 0, 0, pad), value=1.0) if pad else a.contiguous().clone()
-    X = F.pad(b, (0, 0, 0, pad)) if pad else b.contiguous().clone()
+    # fresh contiguous buffers for the in-place sweeps; padded steps (a=1, b=0) come after the data, harmless
+    A = b.new_empty(Bsz, nc * T, R)
+    X = b.new_empty(Bsz, nc * T, R)
+    n = L - 1 if shift_a else L
+    A[:, :n].copy_(a[:, L - n:])
+    A[:, n:].fill_(1.0)
+    X[:, :L].copy_(b)
+    X[:, L:].zero_()
     A, X = A.view(Bsz, nc, T, R), X.view(Bsz, nc, T, R)
-    _blelloch_(A, X)
+    _blelloch_(A, X, reverse)
     if nc > 1:
-        # full state at the end of each chunk: the same recurrence over chunks (chunk decay, chunk-local end state)
-        ends = _scan(A[:, :-1, -1], X[:, :-1, -1])  # (B, nc-1, R)
-        X[:, 1:].addcmul_(A[:, 1:], ends[:, :, None])
+        # carry between chunks: the same recurrence over chunks (chunk decay, chunk-local boundary state)
+        if not reverse:
+            ends = _scan(A[:, :-1, -1], X[:, :-1, -1])  # full states at the ends of chunks 0 .. nc-2
+            X[:, 1:].addcmul_(A[:, 1:], ends[:, :, None])
+        else:
+            starts = _scan(A[:, 1:, 0], X[:, 1:, 0], reverse=True)  # full states at the starts of chunks 1 ..
+            X[:, :-1].addcmul_(A[:, :-1], starts[:, :, None])
     return X.view(Bsz, nc * T, R)[:, :L]
-
-
-def _decay(log_a: Tensor, reset: Optional[Tensor]) -> Tensor:
-    a = torch.exp(log_a)
-    if reset is not None:
-        a = a.masked_fill(reset[:, :, None], 0.0)
-    return a
 
 
 class _LinearScan(torch.autograd.Function):
@@ -94,19 +105,22 @@ class _LinearScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_a, b, reset):
-        h = _scan(_decay(log_a, reset), b)
-        ctx.save_for_backward(log_a, h, reset)
+        a = torch.exp(log_a)
+        if reset is not None:
+            a.masked_fill_(reset[:, :, None], 0.0)
+        h = _scan(a, b)
+        ctx.save_for_backward(a, h)
         return h
 
     @staticmethod
     def backward(ctx, g):
-        log_a, h, reset = ctx.saved_tensors
-        a = _decay(log_a, reset)
-        # G_t = dL/dh_t (total) = g_t + a_{t+1} G_{t+1}: the same recurrence, run backwards in time
-        a_next = F.pad(a[:, 1:], (0, 0, 0, 1))
-        G = _scan(a_next.flip(1), g.flip(1)).flip(1)
-        h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))
-        d_log_a = G * h_prev * a
+        a, h = ctx.saved_tensors
+        # G_t = dL/dh_t (total) = g_t + a_{t+1} G_{t+1}: the same recurrence, backwards in time
+        G = _scan(a, g, reverse=True, shift_a=True)
+        d_log_a = torch.empty_like(G)  # = G_t h_{t-1} a_t (h_{-1} = 0); a reset step has a_t = 0
+        d_log_a[:, 0] = 0
+        torch.mul(G[:, 1:], h[:, :-1], out=d_log_a[:, 1:])
+        d_log_a[:, 1:].mul_(a[:, 1:])
         return d_log_a, G, None
 
 
@@ -122,21 +136,32 @@ def linear_scan(log_a: Tensor, b: Tensor, reset: Optional[Tensor] = None) -> Ten
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
                   activation: Optional[str] = None) -> Tensor:
     """Depthwise causal conv: out[:, c, t] = bias[c] + sum_j weight[c, W-1-j] * x[:, c, t-j], where taps with
-    t-j < 0 or in a previous document (seq_idx[t-j] != seq_idx[t]) are zero. x (B, C, L), weight (C, W)."""
+    t-j < 0 or in a previous document (seq_idx[t-j] != seq_idx[t]) are zero. x (B, C, L), weight (C, W).
+
+    torch's depthwise conv does the bulk; the few outputs whose window reaches into a previous document (the first
+    W-1 tokens of each later document) are then recomputed from their own document's taps and written over it."""
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d: activation must be None or 'silu', got {activation!r}")
     dtype = x.dtype
-    L, W = x.shape[-1], weight.shape[-1]
+    C, W = weight.shape
+    L = x.shape[-1]
     xf, w = x.float(), weight.float()
-    out = xf * w[:, W - 1, None]
-    for j in range(1, min(W, L)):  # over the W-1 earlier taps, not over time
-        tap = F.pad(xf[..., : L - j], (j, 0))
-        if seq_idx is not None:
-            same = F.pad(seq_idx[:, j:] == seq_idx[:, :-j], (j, 0), value=False)
-            tap = tap * same[:, None, :]
-        out = out + tap * w[:, W - 1 - j, None]
-    if bias is not None:
-        out = out + bias.float()[:, None]
+    bf = bias.float() if bias is not None else None
+    out = F.conv1d(xf, w[:, None, :], bf, padding=W - 1, groups=C)[..., :L]
+    if seq_idx is not None and W > 1:
+        t = torch.arange(L, device=x.device)
+        start = torch.where(doc_start(seq_idx), t, 0).cummax(dim=1).values  # first token of each token's document
+        pos = t - start  # position within the document
+        bi, ti = ((pos < W - 1) & (start > 0)).nonzero(as_tuple=True)
+        if bi.numel():
+            j = torch.arange(W, device=x.device)  # tap offset: x[t - j] * weight[:, W-1-j]
+            cols = (ti[:, None] - j).clamp(min=0)  # (K, W)
+            valid = j <= pos[bi, ti][:, None]  # (K, W): taps inside the token's own document
+            taps = xf[bi[:, None], :, cols] * valid[..., None]  # (K, W, C)
+            vals = (taps * w.flip(-1).t()).sum(1)
+            if bf is not None:
+                vals = vals + bf
+            out = out.transpose(1, 2).index_put((bi, ti), vals).transpose(1, 2)
     if activation is not None:
         out = F.silu(out)
     return out.to(dtype)
@@ -222,15 +247,20 @@ def selective_scan_sequential(u, delta, A, B, C, D=None, z=None, delta_bias=None
 # --------------------------------------------------------------------------------------------- Mamba-2 (SSD)
 
 
-def _segsum(x: Tensor) -> Tensor:
-    """(..., T) -> (..., T, T): out[..., t, s] = sum_{s < r <= t} x[..., r] for s <= t, -inf above the diagonal.
-    Sums each segment directly (masked cumsum) instead of differencing two long cumsums, which loses precision."""
-    T = x.shape[-1]
-    xx = x[..., None].expand(*x.shape, T)  # xx[..., r, s] = x[r]
-    below = torch.ones(T, T, device=x.device, dtype=torch.bool).tril(-1)
-    xx = xx.masked_fill(~below, 0.0)
-    seg = torch.cumsum(xx, dim=-2)
-    return seg.masked_fill(~below.logical_or(torch.eye(T, device=x.device, dtype=torch.bool)), -math.inf)
+class _SegSum(torch.autograd.Function):
+    """(..., T) inclusive cumsums of log decays -> (..., T, T): out[..., t, s] = cum_t - cum_s = sum_{s<r<=t} log_a_r.
+    The difference is taken in fp64 and rounded once to fp32, so its error is relative to the segment's own sum
+    (as a direct segment sum would be), not to the size of the cumsums, at a fraction of the cost of a masked
+    (T, T) cumsum. Backward: d cum_t = sum_s g[t, s] - sum_s g[s, t]."""
+
+    @staticmethod
+    def forward(ctx, cum):
+        c = cum.double()
+        return (c[..., :, None] - c[..., None, :]).to(cum.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.sum(-1) - g.sum(-2)
 
 
 def _pad_time(t: Tensor, pad: int) -> Tensor:
@@ -268,10 +298,11 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     cum = log_a.cumsum(2)  # (B, c, T, H)
 
     # 1. within chunks: y_l = sum_{s<=l, same doc} (C_l . B_s) exp(sum_{s<r<=l} log_a_r) xdt_s
-    seg = _segsum(log_a.permute(0, 1, 3, 2))  # (B, c, H, T, T)
+    seg = _SegSum.apply(cum.permute(0, 1, 3, 2))  # (B, c, H, T, T); above the diagonal masked below
+    keep = torch.ones(T, T, device=x.device, dtype=torch.bool).tril()  # causal
     if seq_idx is not None:
-        seg = seg.masked_fill((s[:, :, :, None] != s[:, :, None, :])[:, :, None], -math.inf)
-    decay = torch.exp(seg).view(Bsz, nc, G, E, T, T)
+        keep = keep & (s[:, :, :, None] == s[:, :, None, :])[:, :, None]  # and same document
+    decay = torch.exp(seg.masked_fill(~keep, -math.inf)).view(Bsz, nc, G, E, T, T)
     CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
     y = torch.einsum("bcgels,bcsgep->bclgep", CB[:, :, :, None] * decay, xdt)
 
