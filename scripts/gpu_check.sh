@@ -20,8 +20,9 @@ causal_conv1d.__version__)" || exit 1
 
 if [[ $what == tests || $what == all ]]; then
   # IEEE fp32 in Triton's dot products, so the fp32 checks measure the algorithms, not tf32 (see the tests)
-  TRITON_F32_DEFAULT=ieee python3 -m pytest -q -s -p no:cacheprovider -m gpu \
-    tests/test_gpu_fused.py tests/test_gpu_mamba_ssm.py 2>&1 | tee "$out/pytest.log"
+  # (the first use of each Triton kernel shape autotunes for minutes; the time guard keeps the log coming back)
+  TRITON_F32_DEFAULT=ieee timeout "${GPU_TEST_TIMEOUT:-540}" python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+    --durations=0 tests/test_gpu_mamba_ssm.py tests/test_gpu_fused.py 2>&1 | tee "$out/pytest.log"
   rc=$?
   grep -oE '(ERR|BF16) [|].*' "$out/pytest.log" > "$out/errors.txt"
   # the largest error of each test, against its bound
