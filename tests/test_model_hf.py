@@ -186,3 +186,27 @@ def test_config_roundtrip_and_errors():
         m(ids, torch.zeros(1, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="backend"):
         MambaLMHeadModel(cfg, backend="cuda")
+
+
+@pytest.mark.parametrize("mixer", ["Mamba1", "Mamba2"])
+def test_bf16_runs_close_to_fp32(mixer):
+    """bf16 autocast (fp32 weights, as the trainer runs) and a bf16-weight model both run forward+backward with
+    packed rows and stay near the fp32 logits (bf16 has 8 bits of mantissa: 5e-2 relative)."""
+    ssm = {"layer": mixer, "d_state": 16} if mixer == "Mamba1" else \
+        {"layer": mixer, "d_state": 16, "headdim": 8, "ngroups": 2, "chunk_size": 8}
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg=ssm)
+    model = MambaLMHeadModel(cfg, backend="reference")
+    ids = torch.randint(0, 64, (2, 29))
+    seq_idx = torch.tensor([[0] * 10 + [1] * 19, [0] * 3 + [1] * 26], dtype=torch.int32)
+    ref = model(ids, seq_idx).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, seq_idx)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 5e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    m16 = MambaLMHeadModel(cfg, backend="reference", dtype=torch.bfloat16)
+    m16.load_state_dict(model.state_dict())
+    assert m16.backbone.layers[0].mixer.A_log.dtype == torch.float32  # kept fp32
+    out16 = m16(ids, seq_idx)
+    out16.float().sum().backward()
+    assert out16.dtype == torch.bfloat16 and rel_err(out16.float(), ref) < 5e-2

@@ -23,6 +23,7 @@ The `*_sequential` twins are the per-time-step oracles the tests compare against
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -34,6 +35,19 @@ CHUNK = 64  # Mamba-1 scan chunk (a power of two); the scan's Python loop count 
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _no_autocast(fn):
+    """Run a kernel with autocast off: under a bf16 autocast region torch would otherwise run its convs, matmuls
+    and einsums in bf16, while the kernels promise fp32 compute (as mamba_ssm's do)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        x = next(t for t in (*args, *kwargs.values()) if torch.is_tensor(t))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def doc_start(seq_idx: Tensor) -> Tensor:
@@ -133,6 +147,7 @@ def linear_scan(log_a: Tensor, b: Tensor, reset: Optional[Tensor] = None) -> Ten
 # --------------------------------------------------------------------------------------------- conv
 
 
+@_no_autocast
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
                   activation: Optional[str] = None) -> Tensor:
     """Depthwise causal conv: out[:, c, t] = bias[c] + sum_j weight[c, W-1-j] * x[:, c, t-j], where taps with
@@ -196,6 +211,7 @@ def _dt(delta: Tensor, bias: Optional[Tensor], softplus: bool) -> Tensor:
     return F.softplus(dt) if softplus else dt
 
 
+@_no_autocast
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    seq_idx: Optional[Tensor] = None) -> Tensor:
@@ -269,6 +285,7 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
     return F.pad(t, [0, 0] * (t.dim() - 2) + [0, pad])
 
 
+@_no_autocast
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor] = None,
              z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
              seq_idx: Optional[Tensor] = None, dt_limit=(0.0, float("inf"))) -> Tensor:
@@ -365,6 +382,7 @@ def ssd_scan_sequential(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias
 # --------------------------------------------------------------------------------------------- norm
 
 
+@_no_autocast
 def rms_norm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, group_size: Optional[int] = None,
                    norm_before_gate: bool = False) -> Tensor:
     """mamba_ssm's gated RMSNorm (layernorm_gated.rms_norm_ref, upcast): with norm_before_gate=False,
