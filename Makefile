@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 $(DEMO_DATA)/manifest.json: | $(VENV)/.installed
-	$(BIN)/mamba-dist prepare builtin --out $(DEMO_DATA) --tokenizer byte --seq-len 256 --overwrite
+	$(BIN)/mamba-dist prepare builtin --out $(DEMO_DATA) --tokenizer byte --seq-len 256 --val-fraction 0.02 --overwrite
 
 demo: $(VENV)/.installed $(DEMO_DATA)/manifest.json
 	rm -rf $(DEMO_RUN)
