@@ -67,12 +67,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, dims=No
     return total
 
 
-def count_params(model: torch.nn.Module, dims=None) -> int:
-    """Number of parameters of the whole (unsharded) model."""
-    n = sum(p.numel() * (dims.tp if dims is not None and is_tp_sharded(p) else 1) for p in model.parameters())
-    return int(n)
-
-
 def gather_tp_tensor(t: torch.Tensor, dims, dim: int = -1) -> torch.Tensor:
     """Concatenate a tensor sharded evenly along `dim` over the TP group (e.g. vocab-sharded logits), no grad."""
     if dims is None or not dims.tp_enabled:
@@ -82,5 +76,5 @@ def gather_tp_tensor(t: torch.Tensor, dims, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-__all__ = ["loss_fn", "grad_norm", "clip_grad_norm_", "count_params", "gather_tp_tensor", "IGNORE_INDEX"]
+__all__ = ["loss_fn", "grad_norm", "clip_grad_norm_", "gather_tp_tensor", "IGNORE_INDEX"]
 
