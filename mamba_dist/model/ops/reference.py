@@ -87,9 +87,10 @@ def _blelloch_(a: Tensor, x: Tensor, reverse: bool) -> None:
             av[:, :, :-1, 1].mul_(av[:, :, 1:, 0])
 
 
-def _scan(a: Tensor, b: Tensor, reverse: bool = False, shift_a: bool = False) -> Tensor:
+def _scan(a: Tensor, b: Tensor, reverse: bool = False, shift_a: bool = False, padded: bool = False) -> Tensor:
     """h_t = a_t h_{t-1} + b_t (reverse: h_t = a_t h_{t+1} + b_t) along dim 1 of (B, L, R) fp32 tensors, from a zero
-    state. shift_a uses a_{t+1} in place of a_t (the backward pass's recurrence). Inputs are not modified."""
+    state. shift_a uses a_{t+1} in place of a_t (the backward pass's recurrence). Inputs are not modified.
+    padded: return the whole contiguous buffer (B, L', R), L' >= L; reverse scans are 0 beyond L."""
     Bsz, L, R = b.shape
     T = min(CHUNK, 1 << max(L - 1, 0).bit_length())
     nc = -(-L // T)
@@ -111,7 +112,8 @@ def _scan(a: Tensor, b: Tensor, reverse: bool = False, shift_a: bool = False) ->
         else:
             starts = _scan(A[:, 1:, 0], X[:, 1:, 0], reverse=True)  # full states at the starts of chunks 1 ..
             X[:, :-1].addcmul_(A[:, :-1], starts[:, :, None])
-    return X.view(Bsz, nc * T, R)[:, :L]
+    X = X.view(Bsz, nc * T, R)
+    return X if padded else X[:, :L]
 
 
 class _LinearScan(torch.autograd.Function):
@@ -211,6 +213,54 @@ def _dt(delta: Tensor, bias: Optional[Tensor], softplus: bool) -> Tensor:
     return F.softplus(dt) if softplus else dt
 
 
+class _S6(torch.autograd.Function):
+    """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t (decay 0 where reset), time-major fp32:
+    dt, u (B, L, D), A (D, N), Bm, Cm (B, L, N) -> y (B, L, D).
+
+    One autograd node with a hand-written backward, so that only the decays and the states (two (B, L, D, N)
+    tensors) are kept, and the backward makes no (B, L, D, N) temporaries beyond the reverse scan's buffers:
+      G_t = C_t gy_t + a_{t+1} G_{t+1}  (dL/dh_t),   dlog_a_t = G_t h_{t-1} a_t,
+      ddt = sum_n dlog_a A + u sum_n G B,  du = dt sum_n G B,  dA = sum_{b,t} dlog_a dt,
+      dB = sum_d G dt u,  dC = sum_d gy h."""
+
+    @staticmethod
+    def forward(ctx, dt, u, A, Bm, Cm, reset):
+        Bsz, L, Dm = dt.shape
+        N = A.shape[-1]
+        a = torch.mul(dt[..., None], A).exp_()  # (B, L, D, N)
+        if reset is not None:
+            a.masked_fill_(reset[:, :, None, None], 0.0)
+        bx = (dt * u)[..., None] * Bm[:, :, None, :]
+        h = _scan(a.view(Bsz, L, Dm * N), bx.view(Bsz, L, Dm * N)).view(Bsz, L, Dm, N)
+        del bx
+        ctx.save_for_backward(dt, u, A, Bm, Cm, a, h)
+        return (h @ Cm[..., None]).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        dt, u, A, Bm, Cm, a, h = ctx.saved_tensors
+        Bsz, L, Dm, N = h.shape
+        gy = gy.contiguous()
+        gh = gy[..., None] * Cm[:, :, None, :]
+        # the padded buffer (zeros after L) keeps (B * L', D, N) views below copy-free
+        Gp = _scan(a.view(Bsz, L, Dm * N), gh.view(Bsz, L, Dm * N), reverse=True, shift_a=True, padded=True)
+        del gh
+        Lp = Gp.shape[1]
+        Gp = Gp.view(Bsz, Lp, Dm, N)
+        G = Gp[:, :L]
+        dC = (gy[:, :, None, :] @ h).squeeze(-2)
+        GB = (G @ Bm[..., None]).squeeze(-1)  # (B, L, D)
+        dB = ((dt * u)[:, :, None, :] @ G).squeeze(-2)
+        # G becomes dlog_a in place: G_t h_{t-1} a_t, 0 at t = 0 (and 0 in the padding)
+        G[:, 1:].mul_(h[:, :-1]).mul_(a[:, 1:])
+        G[:, 0] = 0
+        dla = Gp.view(Bsz * Lp, Dm, N).transpose(0, 1)  # (D, B*L', N) strided view
+        d_dt = torch.bmm(dla, A[:, :, None]).view(Dm, Bsz, Lp)[:, :, :L].permute(1, 2, 0) + GB * u
+        dt_p = F.pad(dt, (0, 0, 0, Lp - L)).view(Bsz * Lp, Dm)
+        dA = torch.bmm(dt_p.t()[:, None, :], dla).squeeze(1)
+        return d_dt, GB * dt, dA, dB, dC, None
+
+
 @_no_autocast
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                    z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
@@ -220,16 +270,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
       dt = softplus(delta + delta_bias); h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t; y_t = C_t h_t + D u_t;
       out = y * silu(z)."""
     dtype = u.dtype
-    Bsz, Dm, L = u.shape
-    N = A.shape[-1]
-    # time-major (B, L, D) so the (B, L, D, N) products below come out contiguous
+    # time-major (B, L, D): the (B, L, D, N) state tensors are then contiguous per time step
     uf = u.float().transpose(1, 2).contiguous()
     dt = _dt(delta.transpose(1, 2).contiguous(), delta_bias, delta_softplus)
-    log_a = dt[..., None] * A.float()  # (B, L, D, N)
-    bx = (dt * uf)[..., None] * B.float().transpose(1, 2).contiguous()[:, :, None, :]  # (B, L, D, N)
     reset = doc_start(seq_idx) if seq_idx is not None else None
-    h = linear_scan(log_a.reshape(Bsz, L, Dm * N), bx.reshape(Bsz, L, Dm * N), reset).view(Bsz, L, Dm, N)
-    y = (h @ C.float().transpose(1, 2)[..., None]).squeeze(-1)  # (B, L, D)
+    y = _S6.apply(dt, uf, A.float(), B.float().transpose(1, 2).contiguous(), C.float().transpose(1, 2).contiguous(),
+                  reset)
     if D is not None:
         y = y + uf * D.float()
     if z is not None:
