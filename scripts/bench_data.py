@@ -27,8 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mamba_dist.data import build_loader, load_tokenizer, resolve_inputs  # noqa: E402
+# Only torch-free modules at the top: prepare's spawned workers re-import this script.
+from mamba_dist.data.corpus import resolve_inputs  # noqa: E402
 from mamba_dist.data.prepare import prepare  # noqa: E402
+from mamba_dist.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -76,6 +78,8 @@ def main() -> None:
             enc = statistics.median(enc_rates)
             print(f"encode_batch  {enc / 1e3:10.0f}k tok/s  (median of {args.repeat}; {n_enc:,} tokens)")
             print(f"ratio prepare / encode_batch = {prep / enc:.2f}  (goal >= 0.80)")
+
+        from mamba_dist.data.loader import build_loader
 
         tr = m["splits"]["train"]
         for nw in args.loader_workers:

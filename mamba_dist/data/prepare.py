@@ -278,13 +278,17 @@ def _claim_out_dir(out: Path, overwrite: bool) -> None:
 def prepare(inputs: str | Sequence[str], out_dir: str | os.PathLike, tokenizer: str | Tokenizer = NEOX_NAME,
             seq_len: int = 2048, *, val_fraction: float = 0.005, text_field: str = "text",
             workers: int | None = None, shard_tokens: int = 1 << 27, member_bytes: int = 1 << 17,
-            zstd_level: int = 3, batch_bytes: int = 1 << 19, eos_token: str | None = None,
+            zstd_level: int = 3, batch_bytes: int | None = None, eos_token: str | None = None,
             overwrite: bool = False, cache: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Tokenize `inputs` and write OUT/{train,val}/*.tar and OUT/manifest.json; return the manifest.
 
     workers: tokenizer processes (None: one per CPU core, none for the byte tokenizer; 0: tokenize in this
     process with the tokenizer's own threads). shard_tokens: approximate tokens per shard. member_bytes: raw
-    token bytes per tar sample (the unit the loader decompresses). batch_bytes: input text per worker task.
+    token bytes per tar sample (the unit the loader decompresses). batch_bytes: input text per worker task
+    (None: about 1/16 of the corpus per worker, between 64 KiB and 1 MiB, so no worker idles long at the end).
+
+    Worker processes are spawned, and Python's spawn re-imports the calling script's main module in each: a
+    script that imports torch at its top level makes every worker import it too (the CLI does not).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -300,6 +304,9 @@ def prepare(inputs: str | Sequence[str], out_dir: str | os.PathLike, tokenizer: 
     pool = _start_pool(tok.spec(), workers) if workers > 0 else None
     try:
         sources = resolve_inputs(inputs, cache, text_field)
+        if batch_bytes is None:
+            total = sum(s.nbytes for s in sources)
+            batch_bytes = int(np.clip(total // (16 * max(1, workers)), 1 << 16, 1 << 20))
         return _prepare(sources, out, tok, pool, inputs, seq_len, val_fraction, text_field, shard_tokens,
                         member_bytes, zstd_level, batch_bytes, overwrite, progress)
     finally:
