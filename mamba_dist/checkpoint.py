@@ -41,13 +41,15 @@ class CheckpointError(RuntimeError):
 
 def fault_point(name: str) -> None:
     """Test hook for crash tests: if MAMBA_DIST_FAULT equals `name` (and MAMBA_DIST_FAULT_RANK, if set, equals this
-    process's RANK), the process SIGKILLs itself here, as a power cut or OOM killer would. A no-op otherwise."""
-    if os.environ.get("MAMBA_DIST_FAULT") != name:
+    process's RANK), the process SIGKILLs itself here, as a power cut or OOM killer would; if it equals
+    `sigterm:<name>`, it sends itself SIGTERM (a scheduler's preemption notice). A no-op otherwise."""
+    fault = os.environ.get("MAMBA_DIST_FAULT")
+    if fault not in (name, f"sigterm:{name}"):
         return
     want = os.environ.get("MAMBA_DIST_FAULT_RANK")
     if want is not None and want != os.environ.get("RANK", "0"):
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL if fault == name else signal.SIGTERM)
 
 
 # ------------------------------------------------------------------------------------------- finding checkpoints

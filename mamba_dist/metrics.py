@@ -3,8 +3,10 @@
 Only rank 0 writes (pass enabled=False elsewhere). Each JSONL line is one event, e.g.
   {"step": 12, "kind": "train", "loss": 3.21, "lr": 0.0006, "grad_norm": 0.8, "tokens": 98304, ...}
   {"step": 20, "kind": "val", "val_loss": 3.05}
-Lines are flushed as written, so a run killed mid-way keeps every record up to the kill; a resumed run appends
-(a {"kind": "resume"} line marks where). Floats are written with repr, so reading them back gives the same bits.
+Lines are flushed as written, so a run killed mid-way keeps every record up to the kill. A resumed run appends
+after a {"kind": "resume"} line, re-logging the steps after its checkpoint: for a step logged twice the later
+record is the valid one. A fresh start in the same run dir appends after a {"kind": "start"} line. Floats are
+written with repr, so reading them back gives the same bits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import torch
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, tensorboard: bool = True, jsonl: bool = True, enabled: bool = True):
+    def __init__(self, run_dir: str, tensorboard: bool = True, jsonl: bool = True, enabled: bool = True,
+                 resume_step: Optional[int] = None):
+        """resume_step: the step a resumed run continues from; TensorBoard events a killed run wrote after it are
+        purged (the resumed run writes them again). JSONL keeps everything; later records supersede."""
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
@@ -31,7 +36,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(self.tb_dir)
+            self.tb = SummaryWriter(self.tb_dir, purge_step=None if resume_step is None else resume_step + 1)
         if jsonl:
             self.jsonl = open(self.jsonl_path, "a")
 
@@ -65,8 +70,9 @@ class MetricsLogger:
             self.jsonl = None
 
 
-def read_jsonl(path: str, kind: Optional[str] = None) -> list[dict]:
-    """Records of a metrics.jsonl file (of one kind, if given). A torn last line (killed mid-write) is skipped."""
+def read_jsonl(path: str, kind: Optional[str] = None, last_run: bool = False) -> list[dict]:
+    """Records of a metrics.jsonl file (of one kind, if given). A torn last line (killed mid-write) is skipped.
+    last_run: only the records since the last fresh start ({"kind": "start"}) in this file."""
     out = []
     with open(path) as f:
         for line in f:
@@ -74,6 +80,8 @@ def read_jsonl(path: str, kind: Optional[str] = None) -> list[dict]:
                 rec = json.loads(line)
             except ValueError:
                 continue
+            if last_run and rec.get("kind") == "start":
+                out = []
             if kind is None or rec.get("kind") == kind:
                 out.append(rec)
     return out

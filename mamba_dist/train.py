@@ -25,7 +25,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -215,6 +217,38 @@ class Progress:
     skipped: int = 0  # steps skipped for a non-finite gradient norm
 
 
+class StopRequest:
+    """SIGTERM / SIGUSR1 (a scheduler's preemption notice, or torchrun passing one on): finish the current step,
+    save a checkpoint and return. Ranks may receive the signal at different steps, so they agree on it with an
+    all-reduce each step before anyone starts the (collective) save."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, dims, device: torch.device) -> bool:
+        if not dims.distributed:
+            return bool(self.received)
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bool(self.received))], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 def _forever(loader) -> Iterator[dict]:
     """The loader's batches across epochs (it moves to the next epoch by itself at the end of one)."""
     while True:
@@ -285,6 +319,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
     rank0 = dims.rank == 0
     run_dir, ckpt_dir = cfg.logging.run_dir, cfg.checkpoint_dir
     metrics = None
+    stop_request = StopRequest()
     try:
         if rank0:
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -317,7 +352,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             ckpt.set_rng_state(rank_state["rng"])
             prog = Progress(step=meta["step"], tokens=meta["tokens"], skipped=meta.get("skipped", 0))
 
-        metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.jsonl, enabled=rank0)
+        metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.jsonl, enabled=rank0,
+                                resume_step=prog.step if resume_from else None)
         peak = _peak_flops(cfg, device) if rank0 else None
         if rank0:
             log.info("model: %s, %.2fM parameters, backend %s; %d ranks (dp %d, tp %d), grad accumulation %d, "
@@ -327,6 +363,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             if resume_from:
                 log.info("resumed from %s (step %d, %d tokens)", resume_from, prog.step, prog.tokens)
                 metrics.event(prog.step, "resume", checkpoint=resume_from)
+            else:
+                metrics.event(0, "start", world_size=derived.world_size, params=n_params)
 
         def validate():
             if val_loader is None:
@@ -382,23 +420,29 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                 metrics.log(prog.step, "train", rec)
             ckpt.fault_point(f"after_step_{prog.step}")
             end = prog.step == derived.total_steps
-            if (cfg.train.val_every and prog.step % cfg.train.val_every == 0) or end:
+            stop = stop_request.agreed(dims, device)
+            if (cfg.train.val_every and prog.step % cfg.train.val_every == 0) or (end and not stop):
                 last_val = validate()
-            if (cfg.checkpoint.every and prog.step % cfg.checkpoint.every == 0) or end:
+            if (cfg.checkpoint.every and prog.step % cfg.checkpoint.every == 0) or end or stop:
                 save()
             bar.set_postfix_str(f"loss {loss_val:.4f}" + (f" val {last_val:.4f}" if last_val is not None else "")
                                 + f" {tok_s:,.0f} tok/s", refresh=False)
             bar.update(1)
+            if stop and not end:
+                log.warning("stopping at step %d on a termination signal; checkpoint saved, run again to resume",
+                            prog.step)
+                break
         bar.close()
         summary = {"run_dir": run_dir, "steps": prog.step, "tokens": prog.tokens, "checkpoint_dir": ckpt_dir,
                    "tensorboard": metrics.tb_dir if cfg.logging.tensorboard else None}
         if rank0 and cfg.logging.jsonl:
-            vals = read_jsonl(metrics.jsonl_path, "val")
+            vals = read_jsonl(metrics.jsonl_path, "val", last_run=True)
             if vals:
                 summary.update(first_val=(vals[0]["step"], vals[0]["val_loss"]),
                                last_val=(vals[-1]["step"], vals[-1]["val_loss"]))
         return summary
     finally:
+        stop_request.restore()
         if metrics is not None:
             metrics.close()
         dims.destroy()
@@ -458,7 +502,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"mamba-dist train: error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
-        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; run dir {summary['run_dir']}")
+        print(f"{'done' if summary['steps'] == derived.total_steps else 'stopped early'}: {summary['steps']} steps, "
+              f"{summary['tokens']:,} tokens; run dir {summary['run_dir']}")
         if "first_val" in summary:
             (s0, v0), (s1, v1) = summary["first_val"], summary["last_val"]
             print(f"validation loss: first {v0:.4f} (step {s0}), last {v1:.4f} (step {s1})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,16 +45,23 @@ def tiny_args(run_dir, **over) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_train(args: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300,
               config: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m mamba_dist.train` (nproc=1) or torchrun --standalone --nproc_per_node nproc."""
+    """`python -m mamba_dist.train` (nproc=1), or nproc processes through launch/torchrun.sh (torchrun)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     launcher = [sys.executable, "-m", "mamba_dist.train"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "mamba_dist.train"]
+        launcher = ["bash", str(REPO / "launch" / "torchrun.sh")]
+        full_env.update(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()),
+                        PATH=os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", ""))
     if config:
         launcher += ["--config", config]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(launcher + args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -52,6 +52,28 @@ def test_sigkill_after_step_then_resume_is_bit_identical(tmp_path):
     _assert_bit_identical(run)
 
 
+def test_sigterm_checkpoints_at_the_end_of_the_step_and_resume_is_bit_identical(tmp_path):
+    """A preemption notice (SIGTERM) during step 3: the run finishes the step, checkpoints it and exits cleanly."""
+    run = tmp_path / "run"
+    args = tiny_args(run, **{"train.max_steps": STEPS})
+    proc = ok(run_train(args, env={"MAMBA_DIST_FAULT": "sigterm:after_step_3"}))
+    assert "stopped early: 3 steps" in proc.stdout and "stopping at step 3 on a termination signal" in proc.stderr
+    assert ckpt.latest_checkpoint(run / "checkpoints").endswith("step_00000003")
+    ok(run_train(args))
+    _assert_bit_identical(run)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Under torchrun, only rank 1 is told to stop: both ranks agree, checkpoint step 3 together, and exit 0."""
+    run = tmp_path / "run"
+    proc = ok(run_train(tiny_args(run, **{"train.max_steps": STEPS}), nproc=2,
+                        env={"MAMBA_DIST_FAULT": "sigterm:after_step_3", "MAMBA_DIST_FAULT_RANK": "1"}))
+    assert "stopped early: 3 steps" in proc.stdout
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    assert latest.endswith("step_00000003")
+    assert set(ckpt.read_meta(latest)["files"]) == {"model.pt", "optim.pt", "rank00000.pt", "rank00001.pt"}
+
+
 @pytest.mark.parametrize("point", ["checkpoint_write_4", "checkpoint_before_rename_4"])
 def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, point):
     run = tmp_path / "run"
