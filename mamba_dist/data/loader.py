@@ -5,7 +5,11 @@ Order. For epoch e the split's rows (n of them, over all shards) are permuted wi
 block perm[j*G : (j+1)*G], G = dp_size * micro_batch_size, and rank r gets its r-th slice of B rows. So the rows of
 a global step do not depend on how G is split into ranks, every rank gets the same number of batches,
 len = n // G, and the last n % G rows of each epoch's permutation are left out (a different remainder every epoch,
-so no row is left out for good).
+so no row is left out for good). The permutation costs each process 8 bytes per row (10^8 rows: 800 MB).
+
+Batches. {"input_ids" (B,L) long, "labels" (B,L) long, "seq_idx" (B,L) int32}: labels are input_ids shifted by
+one (rows hold L+1 tokens); seq_idx is 0 at the start of every row and goes up by one at each document start
+inside it, so a document cut by the previous row border is segment 0 here, with fresh state.
 
 Workers. Batches are indexed (epoch, j) and handed to DataLoader workers round-robin by the sampler; the DataLoader
 returns them in index order, so the output is the same for any num_workers and workers never read the same batch.

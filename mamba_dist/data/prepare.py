@@ -27,6 +27,10 @@ Segment starts are positions in [0, L) where a document begins (position 0 alway
 The loader turns them into seq_idx. Tar headers carry fixed mtime/owner/mode and USTAR format (no PAX
 timestamps), so the same input and settings give byte-identical shards whatever the number of workers.
 
+Workers. One spawned process per core tokenizes batches of documents with the tokenizer's own `encode_batch`
+(one rayon thread each: on 2 cores that outruns a single encode_batch over both); results come back in input
+order, so the output does not depend on the worker count. scripts/bench_data.py measures it against encode_batch.
+
 Validation split: document i (in input order, empty documents skipped) goes to val when
 floor((i+1)*f) > floor(i*f), f = val_fraction: an even, deterministic 1-in-1/f selection.
 """
