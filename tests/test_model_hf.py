@@ -210,3 +210,26 @@ def test_bf16_runs_close_to_fp32(mixer):
     out16 = m16(ids, seq_idx)
     out16.float().sum().backward()
     assert out16.dtype == torch.bfloat16 and rel_err(out16.float(), ref) < 5e-2
+
+
+def test_backend_choice(caplog):
+    import logging
+    import subprocess
+    import sys
+
+    from mamba_dist.model import resolve_backend
+
+    with caplog.at_level(logging.INFO, logger="mamba_dist.model.backend"):
+        assert resolve_backend("auto", device="cpu") == "reference"
+    assert "model backend: reference" in caplog.text
+    with pytest.raises(RuntimeError, match="'fused' is not usable"):
+        resolve_backend("fused", device="cpu")
+    with pytest.raises(ValueError, match="auto, reference, fused"):
+        resolve_backend("triton")
+    # a reference model never imports the fused wrappers (mamba_ssm does not import without CUDA)
+    code = ("import sys, torch; from mamba_dist.model import MambaConfig, MambaLMHeadModel; "
+            "m = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=32, ssm_cfg={'d_state': 4}), "
+            "backend='auto'); m(torch.zeros(1, 5, dtype=torch.long)).sum().backward(); "
+            "assert m.backend == 'reference' or torch.cuda.is_available(); "
+            "assert 'mamba_dist.model.ops.fused' not in sys.modules or m.backend == 'fused'; print('ok')")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "ok\n"

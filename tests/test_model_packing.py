@@ -40,12 +40,8 @@ def build(mixer: str):
         ssm = {"layer": "Mamba2", "d_state": 16, "headdim": 8, "ngroups": 2, "chunk_size": 8}
     cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg=ssm)
     torch.manual_seed(0)
-    model = MambaLMHeadModel(cfg, backend="reference")
-    with torch.no_grad():  # trained-looking dt: larger decays make a leak across a reset visible
-        for name, p in model.named_parameters():
-            if name.endswith(("dt_proj.bias", "dt_bias")):
-                p.add_(2.0)
-    return model
+    # at init dt is small (0.001..0.1): states decay slowly, so any leak across a document start would be large
+    return MambaLMHeadModel(cfg, backend="reference")
 
 
 def grads(model):

@@ -168,8 +168,9 @@ class MambaLMHeadModel(nn.Module):
     resets: forward(input_ids (B, L), seq_idx (B, L) int32 | None) -> logits (B, L, padded_vocab).
 
     backend: "auto" | "reference" | "fused" (see backend.resolve_backend); `.backend` holds the resolved one.
-    Weights are initialised on `device`; for "auto" the fused kernels are chosen when CUDA is usable, so a model
-    built on CPU with backend="auto" and moved to CUDA runs the fused kernels."""
+    Weights are initialised on `device`. "auto" picks the fused kernels when CUDA and mamba_ssm/causal_conv1d are
+    usable and `device` is not a non-CUDA device, so a model built with device=None and moved to CUDA runs them;
+    a fused model fed CPU tensors raises (set_backend("reference") switches)."""
 
     def __init__(self, config: Union[MambaConfig, dict], backend: str = "auto", device=None, dtype=None,
                  initializer_cfg: Optional[dict] = None):
@@ -177,7 +178,7 @@ class MambaLMHeadModel(nn.Module):
         if isinstance(config, dict):
             config = MambaConfig.from_dict(config)
         self.config = config
-        self.backend = resolve_backend(backend, device if backend == "fused" else None)
+        self.backend = resolve_backend(backend, device)
         factory = {"device": device, "dtype": dtype}
         self.backbone = MixerModel(config, self.backend, initializer_cfg=initializer_cfg, **factory)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **factory)
