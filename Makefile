@@ -18,9 +18,10 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The `distributed` extra (megatron-core, DeepSpeed) is what mamba_dist.parallel builds on.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q $(TORCH) -e .
+	$(BIN)/pip install -q $(TORCH) -e '.[distributed]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
