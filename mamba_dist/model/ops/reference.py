@@ -343,7 +343,7 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     Bsz, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     E = H // G  # heads per group
-    T = chunk_size
+    T = min(chunk_size, L)  # the result does not depend on the chunk size; no padding beyond a short sequence
     xf = x.float()
     dt = _dt(dt, dt_bias, dt_softplus)
     if tuple(dt_limit) != (0.0, float("inf")):
