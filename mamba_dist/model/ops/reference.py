@@ -8,16 +8,18 @@ restarts its state where seq_idx changes, exactly (decays are set to exactly 0 a
 taps that reach into a previous document are zeroed), so each document's output equals running it alone.
 
 No Python loop runs over time steps:
-- Mamba-1 (`selective_scan`) solves the linear recurrence h_t = a_t * h_{t-1} + b_t with a work-efficient
-  (Blelloch) parallel scan, in place inside chunks of CHUNK steps, then the same scan over the chunks' end states
-  (recursively), so the Python loop count is O(log L). A custom autograd Function runs the backward as the reverse
-  recurrence (G_t = g_t + a_{t+1} G_{t+1}), so only log(a) and h are kept for backward: the memory of two
-  (batch, seqlen, d_inner, d_state) tensors. Products of decays in [0, 1] cannot overflow, unlike the
-  exp(cumsum) factorisation, which overflows once sum(dt*A) over a chunk passes ~88.
+- Mamba-1 (`selective_scan`) solves the linear recurrence h_t = a_t h_{t-1} + b_t, a_t = exp(dt_t A), per
+  (channel, state) with a work-efficient (Blelloch) parallel scan, in place inside chunks of CHUNK steps, then the
+  same scan over the chunks' boundary states (recursively): O(L) work, O(log L) Python steps. Why not the SSD-style
+  segsum inside a chunk: Mamba-1's decay differs per (channel, state), so the (T x T) decay matrix would be
+  (B, L, T, D, N) floats, T times the state; and the cheaper exp(cum_t) * exp(-cum_s) factorisation overflows once
+  |sum dt*A| over a chunk passes ~88. Products of decays in [0, 1] cannot overflow; a document start sets a_t to
+  exactly 0. One autograd node (`_S6`) with a hand-written backward (the reverse recurrence
+  G_t = g_t + a_{t+1} G_{t+1}, by the same scan run backwards) keeps only a and h: two (B, L, D, N) fp32 tensors.
 - Mamba-2 (`ssd_scan`) is SSD chunking (mamba_ssm's ssd_minimal / the SSD paper's Listing 1): a masked
-  quadratic form inside each chunk, built from a stable segment-sum of log decays, plus a state passed between
-  chunks with the same parallel scan. seq_idx masks the intra-chunk decay matrix, the chunk states, the state
-  passing and the state-to-output term.
+  quadratic form inside each chunk from segment sums of log decays (taken in fp64, see `_SegSum`), plus a state
+  passed between chunks with the parallel scan above. seq_idx masks the intra-chunk decay matrix, the chunk states,
+  the state passing and the state-to-output term.
 The `*_sequential` twins are the per-time-step oracles the tests compare against.
 """
 
