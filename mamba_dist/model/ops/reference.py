@@ -15,7 +15,7 @@ No Python loop runs over time steps:
   (B, L, T, D, N) floats, T times the state; and the cheaper exp(cum_t) * exp(-cum_s) factorisation overflows once
   |sum dt*A| over a chunk passes ~88. Products of decays in [0, 1] cannot overflow; a document start sets a_t to
   exactly 0. One autograd node (`_S6`) with a hand-written backward (the reverse recurrence
-  G_t = g_t + a_{t+1} G_{t+1}, by the same scan run backwards) keeps only a and h: two (B, L, D, N) fp32 tensors.
+  G_t = g_t + a_{t+1} G_{t+1}, by the same scan run backwards) keeps only h: one (B, L, D, N) fp32 tensor.
 - Mamba-2 (`ssd_scan`) is SSD chunking (mamba_ssm's ssd_minimal / the SSD paper's Listing 1): a masked
   quadratic form inside each chunk from segment sums of log decays (taken in fp64, see `_SegSum`), plus a state
   passed between chunks with the parallel scan above. seq_idx masks the intra-chunk decay matrix, the chunk states,
@@ -89,21 +89,18 @@ def _blelloch_(a: Tensor, x: Tensor, reverse: bool) -> None:
             av[:, :, :-1, 1].mul_(av[:, :, 1:, 0])
 
 
-def _scan(a: Tensor, b: Tensor, reverse: bool = False, shift_a: bool = False, padded: bool = False) -> Tensor:
-    """h_t = a_t h_{t-1} + b_t (reverse: h_t = a_t h_{t+1} + b_t) along dim 1 of (B, L, R) fp32 tensors, from a zero
-    state. shift_a uses a_{t+1} in place of a_t (the backward pass's recurrence). Inputs are not modified.
-    padded: return the whole contiguous buffer (B, L', R), L' >= L; reverse scans are 0 beyond L."""
-    Bsz, L, R = b.shape
+def _buffers(like: Tensor, Bsz: int, L: int, R: int) -> tuple:
+    """Uninitialised scan buffers (A, X) of shape (B, L', R), L' = L rounded up to whole chunks, and the chunk T."""
     T = min(CHUNK, 1 << max(L - 1, 0).bit_length())
-    nc = -(-L // T)
-    # fresh contiguous buffers for the in-place sweeps; padded steps (a=1, b=0) come after the data, harmless
-    A = b.new_empty(Bsz, nc * T, R)
-    X = b.new_empty(Bsz, nc * T, R)
-    n = L - 1 if shift_a else L
-    A[:, :n].copy_(a[:, L - n:])
-    A[:, n:].fill_(1.0)
-    X[:, :L].copy_(b)
-    X[:, L:].zero_()
+    Lp = -(-L // T) * T
+    return like.new_empty(Bsz, Lp, R), like.new_empty(Bsz, Lp, R), T
+
+
+def _scan_(A: Tensor, X: Tensor, T: int, reverse: bool = False) -> Tensor:
+    """The scan in place on (B, L', R) buffers from _buffers (decays in A, inputs in X; padded steps hold a=1, b=0,
+    after the data, harmless). Returns X, now the states."""
+    Bsz, Lp, R = X.shape
+    nc = Lp // T
     A, X = A.view(Bsz, nc, T, R), X.view(Bsz, nc, T, R)
     _blelloch_(A, X, reverse)
     if nc > 1:
@@ -114,8 +111,20 @@ def _scan(a: Tensor, b: Tensor, reverse: bool = False, shift_a: bool = False, pa
         else:
             starts = _scan(A[:, 1:, 0], X[:, 1:, 0], reverse=True)  # full states at the starts of chunks 1 ..
             X[:, :-1].addcmul_(A[:, :-1], starts[:, :, None])
-    X = X.view(Bsz, nc * T, R)
-    return X if padded else X[:, :L]
+    return X.view(Bsz, Lp, R)
+
+
+def _scan(a: Tensor, b: Tensor, reverse: bool = False, shift_a: bool = False) -> Tensor:
+    """h_t = a_t h_{t-1} + b_t (reverse: h_t = a_t h_{t+1} + b_t) along dim 1 of (B, L, R) fp32 tensors, from a zero
+    state. shift_a uses a_{t+1} in place of a_t (the backward pass's recurrence). Inputs are not modified."""
+    Bsz, L, R = b.shape
+    A, X, T = _buffers(b, Bsz, L, R)
+    n = L - 1 if shift_a else L
+    A[:, :n].copy_(a[:, L - n:])
+    A[:, n:].fill_(1.0)
+    X[:, :L].copy_(b)
+    X[:, L:].zero_()
+    return _scan_(A, X, T, reverse)[:, :L]
 
 
 class _LinearScan(torch.autograd.Function):
@@ -219,34 +228,48 @@ class _S6(torch.autograd.Function):
     """y_t = C_t . h_t with h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t (decay 0 where reset), time-major fp32:
     dt, u (B, L, D), A (D, N), Bm, Cm (B, L, N) -> y (B, L, D).
 
-    One autograd node with a hand-written backward, so that only the decays and the states (two (B, L, D, N)
-    tensors) are kept, and the backward makes no (B, L, D, N) temporaries beyond the reverse scan's buffers:
+    One autograd node with a hand-written backward, so that only the states h (one (B, L, D, N) tensor) are kept
+    (the decays are recomputed, one exp pass), and decays and inputs are written straight into the scan's buffers:
       G_t = C_t gy_t + a_{t+1} G_{t+1}  (dL/dh_t),   dlog_a_t = G_t h_{t-1} a_t,
       ddt = sum_n dlog_a A + u sum_n G B,  du = dt sum_n G B,  dA = sum_{b,t} dlog_a dt,
       dB = sum_d G dt u,  dC = sum_d gy h."""
 
     @staticmethod
+    def _decay(out, dt, A, reset):
+        """exp(dt A) (0 at a reset) into out (B, L, D, N)."""
+        torch.mul(dt[..., None], A, out=out).exp_()
+        if reset is not None:
+            out.masked_fill_(reset[:, :, None, None], 0.0)
+        return out
+
+    @staticmethod
     def forward(ctx, dt, u, A, Bm, Cm, reset):
         Bsz, L, Dm = dt.shape
         N = A.shape[-1]
-        a = torch.mul(dt[..., None], A).exp_()  # (B, L, D, N)
-        if reset is not None:
-            a.masked_fill_(reset[:, :, None, None], 0.0)
-        bx = (dt * u)[..., None] * Bm[:, :, None, :]
-        h = _scan(a.view(Bsz, L, Dm * N), bx.view(Bsz, L, Dm * N)).view(Bsz, L, Dm, N)
-        del bx
-        ctx.save_for_backward(dt, u, A, Bm, Cm, a, h)
+        Ab, Xb, T = _buffers(dt, Bsz, L, Dm * N)
+        _S6._decay(Ab[:, :L].view(Bsz, L, Dm, N), dt, A, reset)
+        Ab[:, L:].fill_(1.0)
+        torch.mul((dt * u)[..., None], Bm[:, :, None, :], out=Xb[:, :L].view(Bsz, L, Dm, N))
+        Xb[:, L:].zero_()
+        h = _scan_(Ab, Xb, T)[:, :L].view(Bsz, L, Dm, N)
+        del Ab
+        ctx.save_for_backward(dt, u, A, Bm, Cm, h, reset)
         return (h @ Cm[..., None]).squeeze(-1)
 
     @staticmethod
     def backward(ctx, gy):
-        dt, u, A, Bm, Cm, a, h = ctx.saved_tensors
+        dt, u, A, Bm, Cm, h, reset = ctx.saved_tensors
         Bsz, L, Dm, N = h.shape
         gy = gy.contiguous()
-        gh = gy[..., None] * Cm[:, :, None, :]
-        # the padded buffer (zeros after L) keeps (B * L', D, N) views below copy-free
-        Gp = _scan(a.view(Bsz, L, Dm * N), gh.view(Bsz, L, Dm * N), reverse=True, shift_a=True, padded=True)
-        del gh
+        a = _S6._decay(torch.empty_like(h), dt, A, reset)
+        Ab, Xb, T = _buffers(dt, Bsz, L, Dm * N)
+        Ab[:, :L - 1].copy_(a[:, 1:].view(Bsz, L - 1, Dm * N))  # G's recurrence uses a_{t+1}
+        Ab[:, L - 1:].fill_(1.0)
+        torch.mul(gy[..., None], Cm[:, :, None, :], out=Xb[:, :L].view(Bsz, L, Dm, N))
+        Xb[:, L:].zero_()
+        # reverse scan: zero beyond L; the whole padded buffer keeps the (B * L', D, N) views below copy-free
+        Gp = _scan_(Ab, Xb, T, reverse=True)
+        del Ab
         Lp = Gp.shape[1]
         Gp = Gp.view(Bsz, Lp, Dm, N)
         G = Gp[:, :L]
@@ -256,6 +279,7 @@ class _S6(torch.autograd.Function):
         # G becomes dlog_a in place: G_t h_{t-1} a_t, 0 at t = 0 (and 0 in the padding)
         G[:, 1:].mul_(h[:, :-1]).mul_(a[:, 1:])
         G[:, 0] = 0
+        del a
         dla = Gp.view(Bsz * Lp, Dm, N).transpose(0, 1)  # (D, B*L', N) strided view
         d_dt = torch.bmm(dla, A[:, :, None]).view(Dm, Bsz, Lp)[:, :, :L].permute(1, 2, 0) + GB * u
         dt_p = F.pad(dt, (0, 0, 0, Lp - L)).view(Bsz * Lp, Dm)
