@@ -42,6 +42,8 @@ class Mamba(nn.Module):
         self.layer_idx = layer_idx
         self.backend = backend
         self.activation = "silu"
+        # use_fast_path (mamba_inner_fn) is accepted for config compatibility only: that kernel reads the
+        # submodules' weights itself, which tensor parallelism and ZeRO-3 cannot see
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self.conv1d = CausalConv1d(self.d_inner, d_conv, bias=conv_bias, activation="silu", backend=backend,

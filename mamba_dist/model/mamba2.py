@@ -71,6 +71,8 @@ class Mamba2(nn.Module):
         self.dt_limit = tuple(dt_limit)
         self.activation = "silu"
         self.chunk_size = chunk_size
+        # use_mem_eff_path (mamba_split_conv1d_scan_combined) is accepted for config compatibility only: it reads
+        # the submodules' weights itself, which tensor parallelism and ZeRO-3 cannot see
         self.layer_idx = layer_idx
         self.backend = backend
 
