@@ -1,7 +1,8 @@
 """Atomic training checkpoints and `resume=auto`.
 
 Layout of a checkpoint directory (<checkpoint.dir>/step_00000100/):
-  model.pt, optim.pt   model and optimizer state (written by the trainer's save hook; DeepSpeed writes its own files)
+  model.pt, optim.pt   model and optimizer state (written by the trainer's save hook; model-tpNN.pt ... under TP)
+  zero/, latest, zero_to_fp32.py   instead, under DeepSpeed ZeRO: its sharded model/optimizer files, tag `zero`
   rank00000.pt ...     per rank: data-loader state and every RNG state (python, numpy, torch CPU, CUDA)
   meta.json            step, tokens seen, data epoch, world size, the resolved config, and the size of every file
 
@@ -136,9 +137,12 @@ def commit_save(ckpt_dir: str, tmp: str, step: int, meta: dict, rank: int, barri
     barrier()  # every rank's files are fsynced
     final = os.path.join(ckpt_dir, step_dir_name(step))
     if rank == 0:
-        files = {}
-        for name in sorted(os.listdir(tmp)):
-            files[name] = os.path.getsize(os.path.join(tmp, name))
+        files = {}  # every file, also inside sub-directories (DeepSpeed's zero/), so read_meta checks them all
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                fp = os.path.join(root, name)
+                files[os.path.relpath(fp, tmp)] = os.path.getsize(fp)
+        files = dict(sorted(files.items()))
         meta = {**meta, "format": FORMAT_VERSION, "step": step, "files": files, "saved_at": time.time()}
         _write_json(meta, os.path.join(tmp, META))
         _fsync_dir(tmp)

@@ -5,22 +5,26 @@ Run:
     python -m mamba_dist.train --config configs/tiny.yaml train.max_steps=200 optim.lr=1e-3
     torchrun --nproc_per_node 8 -m mamba_dist.train --config configs/mamba-130m.yaml data.path=/data/pile
     torchrun --nnodes 2 --node_rank R --rdzv_endpoint HOST:29500 --nproc_per_node 8 -m mamba_dist.train ...
+    deepspeed --num_gpus 8 --module mamba_dist.train --config ... parallel.zero_stage=2      (or launch/*.sh)
 
-One process, or one per device under torchrun: data parallel through torch DDP (gloo on CPU, nccl on GPU).
+One process, or one per device under torchrun or the deepspeed launcher (launch/ has torchrun, deepspeed and slurm
+scripts): data parallel through torch DDP (gloo on CPU, nccl on GPU), or DeepSpeed ZeRO 1-3 with
+parallel.zero_stage=1|2|3 (also on a single process); tensor (+ sequence) parallelism with parallel.tp.
 Configuration is defaults <- YAML <- key=value overrides (mamba_dist/config.py); the resolved config is written to
 <logging.run_dir>/config.yaml, metrics to <run_dir>/metrics.jsonl and <run_dir>/tensorboard, checkpoints to
 <run_dir>/checkpoints (checkpoint.dir). `checkpoint.resume=auto` (default) continues from the latest complete
 checkpoint there, bit-exactly on CPU.
 
-The parallel-specific steps are the small functions `parallelize_model`, `build_optimizer`, `backward`,
-`optimizer_step`, `save_model_and_optimizer` and `load_model_and_optimizer`: a DeepSpeed engine path goes beside
-the plain torch path in each of them.
+The parallel-specific steps are the small functions `parallelize_model`, `build_optimizer`, `build_deepspeed`,
+`backward`, `optimizer_step`, `save_model_and_optimizer` and `load_model_and_optimizer`: the DeepSpeed engine path
+sits beside the plain torch path in each of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -60,11 +64,9 @@ def prepare_config(config_path: Optional[str], overrides: list[str],
         check_model_layout(cfg.model.mamba_config_dict(), cfg.parallel.tp)
     except ParallelLayoutError as e:
         raise ConfigError(f"parallel.tp: {e}") from None
-    if cfg.parallel.zero_stage > 0:
-        # The DeepSpeed engine exists in mamba_dist/parallel/zero.py (issue 6) but is not yet wired into this
-        # loop's hooks; fail clearly instead of silently training without it.
-        raise ConfigError("parallel.zero_stage: DeepSpeed ZeRO is not wired into the trainer yet; use "
-                          "parallel.zero_stage=0 (DDP)")
+    if cfg.parallel.zero_stage > 0 and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"parallel.zero_stage: {cfg.parallel.zero_stage} needs DeepSpeed, which is not installed "
+                          f"(pip install deepspeed, or use parallel.zero_stage=0 for DDP)")
     path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint_dir)
     if path is None:
         return cfg, derived, None
@@ -156,21 +158,54 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
+def is_deepspeed(model) -> bool:
+    return type(model).__module__.startswith("deepspeed.")
+
+
+def build_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
+                    derived: Derived, dims):
+    """parallel.zero_stage 1-3: wrap model + AdamW + LR schedule in a DeepSpeed ZeRO engine, which then owns data
+    parallelism, gradient accumulation (it divides the loss by grad_accum), clipping (optim.grad_clip, counting
+    TP-replicated parameters once) and stepping the schedule. precision=bf16 is DeepSpeed's torch_autocast: fp32
+    master weights and SSM parameters, bf16 matmuls. The schedule stays a LambdaLR over the client optimizer,
+    whose param_group dicts ZeRO keeps, so both paths follow the same learning rates."""
+    from mamba_dist.parallel import build_deepspeed_engine
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines repeat our startup log per rank
+    # DeepSpeed calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, deprecated in torch 2.13
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    return build_deepspeed_engine(model, optimizer, dims, zero_stage=cfg.parallel.zero_stage,
+                                  precision=cfg.precision.dtype, grad_clip=cfg.optim.grad_clip,
+                                  micro_batch_size=cfg.train.micro_batch_size, grad_accum=derived.grad_accum,
+                                  lr_scheduler=scheduler)
+
+
 def no_sync(model: torch.nn.Module, sync: bool):
-    """DDP skips the gradient all-reduce on non-final micro-batches of an accumulation."""
-    if sync or not hasattr(model, "no_sync"):
+    """DDP skips the gradient all-reduce on non-final micro-batches of an accumulation (DeepSpeed decides that
+    itself: its no_sync() refuses ZeRO-2/3)."""
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext()
     return model.no_sync()
 
 
-def backward(model: torch.nn.Module, loss: torch.Tensor) -> None:
-    loss.backward()
+def backward(model: torch.nn.Module, loss: torch.Tensor, grad_accum: int) -> None:
+    """Accumulate the gradient of one micro-batch's mean loss into the step's mean over grad_accum micro-batches.
+    DeepSpeed: engine.step() belongs after every engine.backward(); it counts micro-batches and runs the optimizer
+    (reduce-scatter, clipping, AdamW, schedule) only at the accumulation boundary, i.e. after the last one."""
+    if is_deepspeed(model):
+        model.backward(loss)
+        model.step()
+    else:
+        (loss / grad_accum).backward()
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
                    dims) -> tuple[torch.Tensor, bool]:
     """Clip, step, advance the schedule. Returns (grad norm before clipping, whether the step was applied): a
     non-finite gradient norm skips the update (and is logged) rather than poisoning the weights."""
+    if is_deepspeed(model):  # DeepSpeed stepped at the last micro-batch's backward(); it skips non-finite steps
+        norm = model.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm)), model.was_step_applied()
     from mamba_dist.parallel.loss import clip_grad_norm_
 
     norm = clip_grad_norm_(list(unwrap(model).parameters()), cfg.optim.grad_clip, dims)
@@ -188,8 +223,18 @@ def _model_files(dims) -> tuple[str, str]:
     return "model.pt", "optim.pt"
 
 
+DEEPSPEED_TAG = "zero"  # <checkpoint>/zero/: DeepSpeed's own sharded files (zero_to_fp32.py beside it reads them)
+
+
 def save_model_and_optimizer(tmp_dir: str, model, optimizer, scheduler, dims) -> None:
-    """Plain torch: every DP replica holds the same state, so DP rank 0 (of each TP rank) writes it."""
+    """Plain torch: every DP replica holds the same state, so DP rank 0 (of each TP rank) writes it.
+    DeepSpeed: every rank writes its model-parallel / ZeRO partition (optimizer and schedule included) under
+    tmp_dir/zero; the trainer's atomic rename of tmp_dir covers it like any other file."""
+    if is_deepspeed(model):
+        from mamba_dist.parallel import save_engine_checkpoint
+
+        save_engine_checkpoint(model, tmp_dir, DEEPSPEED_TAG)
+        return
     if dims.dp_rank != 0:
         return
     model_file, optim_file = _model_files(dims)
@@ -199,6 +244,15 @@ def save_model_and_optimizer(tmp_dir: str, model, optimizer, scheduler, dims) ->
 
 
 def load_model_and_optimizer(path: str, model, optimizer, scheduler, dims) -> None:
+    if is_deepspeed(model):
+        from mamba_dist.parallel import load_engine_checkpoint
+
+        try:
+            load_engine_checkpoint(model, path, tag=DEEPSPEED_TAG)
+        except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ckpt.CheckpointError(f"checkpoint {path}: cannot load its DeepSpeed state ({first})") from None
+        return
     model_file, optim_file = _model_files(dims)
     ckpt.load_state_dict_strict(unwrap(model), ckpt.load_file(path, model_file), path)
     state = ckpt.load_file(path, optim_file)
@@ -315,7 +369,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
 
     device = _setup_torch(cfg)
     backend = None if cfg.parallel.dist_backend == "auto" else cfg.parallel.dist_backend
-    dims = ParallelDims.from_env(cfg.parallel).build(backend=backend)
+    dims = ParallelDims.from_env(cfg.parallel).build(backend=backend, single_rank_group=cfg.parallel.zero_stage > 0)
     rank0 = dims.rank == 0
     run_dir, ckpt_dir = cfg.logging.run_dir, cfg.checkpoint_dir
     metrics = None
@@ -331,6 +385,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         model = parallelize_model(model, dims, cfg, device)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, derived.total_steps))
+        if cfg.parallel.zero_stage > 0:
+            model = build_deepspeed(model, optimizer, scheduler, cfg, derived, dims)
         amp = cfg.precision.dtype == "bf16"
 
         def autocast():
@@ -392,6 +448,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         model.train()
         while prog.step < derived.total_steps:
             t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]  # this step's (DeepSpeed advances it inside the last backward)
             loss_sum = torch.zeros((), device=device)
             for micro in range(derived.grad_accum):
                 ids, labels, seq_idx = _to_device(next(batches), device)
@@ -399,9 +456,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                     with autocast():
                         logits = model(ids, seq_idx=seq_idx)
                     loss = loss_fn(logits, labels, dims)
-                    backward(model, loss / derived.grad_accum)
+                    backward(model, loss, derived.grad_accum)
                 loss_sum += loss.detach().float()
-            lr = optimizer.param_groups[0]["lr"]
             grad_norm, applied = optimizer_step(model, optimizer, scheduler, cfg, dims)
             prog.step += 1
             prog.tokens += cfg.train.global_batch_tokens

@@ -77,22 +77,31 @@ class ParallelDims:
             world = _env_int("WORLD_SIZE", 1)
         return cls(world_size=world, **vals)
 
-    def build(self, backend: Optional[str] = None, timeout_minutes: int = 30) -> "ParallelDims":
+    def build(self, backend: Optional[str] = None, timeout_minutes: int = 30,
+              single_rank_group: bool = False) -> "ParallelDims":
         """Initialize torch.distributed (if the launcher has not) and the megatron-core TP/DP groups.
 
-        With a single process and tp == 1 nothing is initialized: the model runs unchanged.
+        With a single process nothing is initialized (the model runs unchanged) unless `single_rank_group`:
+        DeepSpeed needs a process group even for one process (ZeRO on a single GPU), so one is made from an
+        in-process store (no launcher, no port).
         """
         if self.built:
             return self
-        if self.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
+        initialized = dist.is_available() and dist.is_initialized()
+        if self.world_size == 1 and not initialized and not single_rank_group:
             self.built = True
             return self
-        if not dist.is_initialized():
+        if not initialized:
             if backend is None:
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+            timeout = datetime.timedelta(minutes=timeout_minutes)
+            if self.world_size == 1 and "MASTER_ADDR" not in os.environ:
+                dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                        timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, timeout=timeout)
         if dist.get_world_size() != self.world_size:
             raise ParallelLayoutError(
                 f"process group has {dist.get_world_size()} ranks but ParallelDims was built for {self.world_size}")

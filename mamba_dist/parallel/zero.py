@@ -114,6 +114,13 @@ def deepspeed_config(*, zero_stage: int, precision: str, grad_clip: float, micro
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if model is not None:
+        # DeepSpeed allocates its gradient buckets (default 5e8 elements, 2 GB in fp32) afresh at every
+        # micro-step; for a model smaller than that a bucket larger than the model only costs memory, and on
+        # CPU under torch's deterministic mode (which NaN-fills every new tensor) ~0.25 s per allocation.
+        bucket = int(min(5e8, max(1, sum(p.numel() for p in model.parameters()))))
+        cfg["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket,
+                                        stage3_prefetch_bucket_size=min(bucket, int(5e7)))
     if precision == "bf16":
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         if model is not None:
@@ -169,6 +176,9 @@ def build_deepspeed_engine(model: torch.nn.Module, optim_cfg: Any, dims, *, zero
     deepspeed = _import_deepspeed()
     if not dims.built or not dims.distributed:
         raise RuntimeError("DeepSpeed needs torch.distributed: call ParallelDims(...).build() first")
+    # DeepSpeed asserts LOCAL_RANK is set; a single process without a launcher (ZeRO on one GPU) has none.
+    if dist.get_world_size() == 1:
+        os.environ.setdefault("LOCAL_RANK", "0")
     optimizer = optim_cfg if isinstance(optim_cfg, torch.optim.Optimizer) else _adamw_from_cfg(model, optim_cfg)
     config = deepspeed_config(zero_stage=zero_stage, precision=precision, grad_clip=grad_clip,
                               micro_batch_size=micro_batch_size, grad_accum=grad_accum, model=model,
