@@ -18,7 +18,9 @@ Errors are norm-wise relative, ||a - b|| / ||b||, over the whole tensor.
 """
 
 import os
+import time
 
+_T0 = time.perf_counter()
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # before any Triton kernel compiles (see docstring)
 
 import pytest  # noqa: E402
@@ -31,6 +33,12 @@ from mamba_dist.model.ops import reference as ref  # noqa: E402
 
 _why = fused_unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why is not None, reason=f"fused kernels unavailable: {_why}")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _short_autotune():
+    from _gpu_autotune import limit_triton_autotune
+    limit_triton_autotune()
 
 TOL_FP32 = 1e-4
 TOL_DOCS = 1e-5
@@ -67,6 +75,7 @@ def report(test, name, err, bound):
 
 
 def check(test, errors, bounds):
+    print(f"TIME | {test} | {time.perf_counter() - _T0:.0f} s since import")
     for name, err in errors.items():
         report(test, name, err, bounds[name])
     bad = {k: (errors[k], bounds[k]) for k in errors if not errors[k] <= bounds[k]}  # NaN fails

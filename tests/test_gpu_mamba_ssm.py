@@ -22,6 +22,12 @@ from mamba_dist.model.backend import fused_unavailable_reason  # noqa: E402
 _why = fused_unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why is not None, reason=f"fused kernels unavailable: {_why}")]
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _short_autotune():
+    from _gpu_autotune import limit_triton_autotune
+    limit_triton_autotune()
+
 TOL_LOGITS, TOL_GRADS = 1e-5, 1e-4
 DEV = "cuda"
 
