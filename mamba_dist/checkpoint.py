@@ -233,8 +233,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_compatible(path: str, meta: dict, config: dict, world_size: int) -> None:
-    """Raise CheckpointError naming the first field that differs where it matters."""
+def check_compatible(path: str, meta: dict, config: dict) -> None:
+    """Raise CheckpointError naming the first field that differs where it matters. The number of data-parallel
+    ranks may change (the loader position is global); the TP degree may not (model files are per TP rank)."""
     saved = _flatten(meta.get("config", {}))
     now = _flatten(config)
     for key in sorted(now):
@@ -243,9 +244,6 @@ def check_compatible(path: str, meta: dict, config: dict, world_size: int) -> No
         if key in saved and saved[key] != now[key]:
             raise CheckpointError(f"checkpoint {path} is incompatible: {key} is {saved[key]!r} in the checkpoint, "
                                   f"{now[key]!r} in the config")
-    if meta.get("world_size", world_size) != world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} processes, this run has "
-                              f"{world_size}: the data-loader and RNG state are per rank")
 
 
 # ------------------------------------------------------------------------------------------- RNG state

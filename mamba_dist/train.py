@@ -71,7 +71,7 @@ def prepare_config(config_path: Optional[str], overrides: list[str],
     if path is None:
         return cfg, derived, None
     meta = ckpt.read_meta(path)
-    ckpt.check_compatible(path, meta, cfg.to_dict(), world_size)
+    ckpt.check_compatible(path, meta, cfg.to_dict())
     return cfg, derived, (path, meta)
 
 
@@ -403,9 +403,20 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         resume_from, meta = resume or (None, None)
         if resume_from is not None:
             load_model_and_optimizer(resume_from, model, optimizer, scheduler, dims)
-            rank_state = ckpt.load_rank_state(resume_from, dims.rank)
-            train_loader.load_state_dict(rank_state["loader"])
-            ckpt.set_rng_state(rank_state["rng"])
+            if meta["world_size"] == derived.world_size:
+                rank_state = ckpt.load_rank_state(resume_from, dims.rank)
+                ckpt.set_rng_state(rank_state["rng"])
+            else:
+                # Another number of data-parallel ranks: the loader position is global (every rank's file holds
+                # the same one); per-rank RNG streams cannot be mapped and are left seeded (training draws none).
+                rank_state = ckpt.load_rank_state(resume_from, 0)
+                if rank0:
+                    log.warning("checkpoint written by %d processes, resuming on %d: RNG states are not restored",
+                                meta["world_size"], derived.world_size)
+            try:
+                train_loader.load_state_dict(rank_state["loader"])
+            except ValueError as e:
+                raise ckpt.CheckpointError(f"checkpoint {resume_from}: {e}") from None
             prog = Progress(step=meta["step"], tokens=meta["tokens"], skipped=meta.get("skipped", 0))
 
         metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.jsonl, enabled=rank0,

@@ -104,3 +104,17 @@ def test_resume_from_explicit_path_and_extending_max_steps(tmp_path):
     # resume=none starts from scratch even though checkpoints exist
     fresh = ok(run_train(tiny_args(other, **{"train.max_steps": 4, "checkpoint.resume": "none"})))
     assert "resumed from" not in fresh.stderr
+
+
+def test_resume_with_another_number_of_ranks(tmp_path):
+    """A checkpoint written by 2 DDP ranks resumes on 1 process (same global batch): the loader continues at the
+    same global position, so the losses continue those of the uninterrupted 1-process run (to fp32 rounding)."""
+    run = tmp_path / "run"
+    args = tiny_args(run, **{"train.max_steps": STEPS})
+    ok(run_train(args, nproc=2, env={"MAMBA_DIST_FAULT": "sigterm:after_step_4"}))  # stops after step 4
+    proc = ok(run_train(args))
+    assert "written by 2 processes, resuming on 1" in proc.stderr
+    ref, got = reference_run()[0], losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in range(1, STEPS + 1):
+        assert abs(got[s] - ref[s]) <= 1e-5, (s, got[s], ref[s])
