@@ -362,7 +362,8 @@ def validate_config(cfg: Config) -> None:
         if k == "layer":
             _check(v == m.mixer, "model.ssm_cfg.layer", f"{v!r} conflicts with model.mixer={m.mixer!r}")
             continue
-        _check(k in allowed, f"model.ssm_cfg.{k}", f"not an argument of {m.mixer} (valid: {', '.join(sorted(allowed))})")
+        _check(k in allowed, f"model.ssm_cfg.{k}",
+               f"not an argument of {m.mixer} (valid: {', '.join(sorted(allowed))})")
     for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
         if k in m.ssm_cfg:
             v = m.ssm_cfg[k]

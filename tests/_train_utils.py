@@ -3,8 +3,10 @@ subprocess (one process, or 2 gloo ranks under torchrun)."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,13 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 SEQ = 64
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temporary directory removed when the test process exits (for data shared by several tests)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_data() -> str:
     """Python's pydoc topics (no download), byte tokenizer, rows of 64 tokens: ~7k train rows, ~170 val rows.
     Prepared once per test process."""
     from mamba_dist.data.prepare import prepare
 
-    out = Path(tempfile.mkdtemp(prefix="mamba-dist-test-data-")) / "pydoc-byte-64"
+    out = Path(scratch_dir("mamba-dist-test-data-")) / "pydoc-byte-64"
     prepare(["builtin:pydoc"], out, tokenizer="byte", seq_len=SEQ, val_fraction=0.1, workers=0, progress=False)
     return str(out)
 

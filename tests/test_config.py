@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mamba_dist.config import (Config, ConfigError, config_from_dict, load_config, save_config, validate_config,
                                validate_runtime)

@@ -9,12 +9,11 @@ checkpoint (model file written, the rest not), or with the checkpoint complete b
 import functools
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from _train_utils import losses, ok, run_train, tiny_args
+from _train_utils import losses, ok, run_train, scratch_dir, tiny_args
 from mamba_dist import checkpoint as ckpt
 
 STEPS = 8
@@ -23,7 +22,7 @@ STEPS = 8
 @functools.lru_cache(maxsize=None)
 def reference_run() -> tuple[dict, dict]:
     """The uninterrupted run: per-step train losses and validation losses."""
-    run = Path(tempfile.mkdtemp(prefix="mamba-dist-ref-")) / "run"
+    run = Path(scratch_dir("mamba-dist-ref-")) / "run"
     ok(run_train(tiny_args(run, **{"train.max_steps": STEPS})))
     return losses(run), losses(run, "val", "val_loss")
 
