@@ -49,7 +49,8 @@ if [[ $what == bench || $what == all ]]; then
   # bf16 autocast, fp32 weights; the 130M-size model (d_model 768, 24 layers, vocab 50277); fused at batch 8 x 2048
   # unpacked and packed (8 documents per row), both backends at batch 1 (the reference backend's memory allows it).
   # Mamba-2's fused rows autotune the Triton kernels first (minutes; warmup steps, not timed).
-  bench() { python3 scripts/bench_model.py --device cuda --dtype bf16 --vocab 50277 --seqlen 2048 --d-model 768 \
+  # the benchmark's spawned workers import mamba_dist: the repository root goes on PYTHONPATH (no install there)
+  bench() { PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 scripts/bench_model.py --device cuda --dtype bf16 --vocab 50277 --seqlen 2048 --d-model 768 \
               --n-layer 24 "$@" 2>>"$out/bench.jsonl"; }
   export out rows=${GPU_BENCH_ROWS:-m1 m2}
   export -f bench
