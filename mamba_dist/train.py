@@ -306,6 +306,26 @@ class StopRequest:
         self._previous = {}
 
 
+def restore(path: str, meta: dict, model, optimizer, scheduler, train_loader, dims, world_size: int) -> Progress:
+    """Load a checkpoint into the built model, optimizer, schedule and loader; returns the progress it records."""
+    load_model_and_optimizer(path, model, optimizer, scheduler, dims)
+    if meta["world_size"] == world_size:
+        rank_state = ckpt.load_rank_state(path, dims.rank)
+        ckpt.set_rng_state(rank_state["rng"])
+    else:
+        # Another number of data-parallel ranks: the loader position is global (every rank's file holds the same
+        # one); per-rank RNG streams cannot be mapped and stay as seeded (training draws no random numbers).
+        rank_state = ckpt.load_rank_state(path, 0)
+        if dims.rank == 0:
+            log.warning("checkpoint written by %d processes, resuming on %d: RNG states are not restored",
+                        meta["world_size"], world_size)
+    try:
+        train_loader.load_state_dict(rank_state["loader"])
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"checkpoint {path}: {e}") from None
+    return Progress(step=meta["step"], tokens=meta["tokens"], skipped=meta.get("skipped", 0))
+
+
 def _forever(loader) -> Iterator[dict]:
     """The loader's batches across epochs (it moves to the next epoch by itself at the end of one)."""
     while True:
@@ -402,25 +422,10 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         val_loader = build_loader(cfg.data.path, "val", num_workers=0, **loader_kw) if derived.val_batches else None
         val_start = val_loader.state_dict() if val_loader is not None else None
 
-        prog = Progress()
         resume_from, meta = resume or (None, None)
+        prog = Progress()
         if resume_from is not None:
-            load_model_and_optimizer(resume_from, model, optimizer, scheduler, dims)
-            if meta["world_size"] == derived.world_size:
-                rank_state = ckpt.load_rank_state(resume_from, dims.rank)
-                ckpt.set_rng_state(rank_state["rng"])
-            else:
-                # Another number of data-parallel ranks: the loader position is global (every rank's file holds
-                # the same one); per-rank RNG streams cannot be mapped and are left seeded (training draws none).
-                rank_state = ckpt.load_rank_state(resume_from, 0)
-                if rank0:
-                    log.warning("checkpoint written by %d processes, resuming on %d: RNG states are not restored",
-                                meta["world_size"], derived.world_size)
-            try:
-                train_loader.load_state_dict(rank_state["loader"])
-            except ValueError as e:
-                raise ckpt.CheckpointError(f"checkpoint {resume_from}: {e}") from None
-            prog = Progress(step=meta["step"], tokens=meta["tokens"], skipped=meta.get("skipped", 0))
+            prog = restore(resume_from, meta, model, optimizer, scheduler, train_loader, dims, derived.world_size)
 
         metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.jsonl, enabled=rank0,
                                 resume_step=prog.step if resume_from else None)
