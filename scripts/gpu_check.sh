@@ -6,7 +6,7 @@
 #   here:       bash ../shared/gpu/stage-kernels mamba conv        # wheels into .kernels/ (git-ignored)
 #   device run: source .kernels/use-kernels; bash scripts/gpu_check.sh [tests|bench|all]    carry: [".kernels"]
 # Options (environment): GPU_TEST_K (pytest -k expression), GPU_TEST_TIMEOUT (s, default 540),
-# MAMBA_DIST_GPU_AUTOTUNE_CONFIGS (Triton configs kept per kernel in the tests, default 2, 0 = all; see
+# MAMBA_DIST_GPU_AUTOTUNE_CONFIGS (Triton configs kept per kernel in the tests, default 2, min 2, 0 = all; see
 # tests/_gpu_autotune.py), GPU_BENCH_ROWS (which benchmark rows, default "m1 m2"), GPU_BENCH_TIMEOUT (s, default 540).
 # Logs and the error tables go to $OUT (the device tool's output folder), else ./gpu_check_out.
 set -uo pipefail
