@@ -9,6 +9,8 @@ with DeepSpeed ZeRO. Every run is compared with the uninterrupted single-node to
   one-host hostfile, then with its no-ssh multi-node mode (2 nodes x 1 process) resuming that run.
 - launch/slurm.sbatch, with `srun` and `scontrol` replaced by shims that start the srun command once per node on
   this machine: 2 torchrun agents meet at the c10d rendezvous and train.
+- launch/torchrun.sh passes SIGUSR1 (Slurm's warning before the time limit) on to the ranks: they checkpoint the
+  step they are in and exit.
 """
 
 import os
@@ -111,3 +113,38 @@ def test_slurm_script_two_nodes_with_srun_shim(tmp_path):
     ok(proc)
     assert "2 nodes x 1 GPUs, rendezvous at localhost:" in proc.stdout and "2 ranks (dp 2, tp 1)" in proc.stderr
     _assert_same_run(run, uninterrupted(2, 1, 2))
+
+
+def test_torchrun_script_passes_a_preemption_signal_to_the_trainer(tmp_path):
+    """SIGUSR1 to the torchrun agent (what Slurm's --signal sends before the time limit) reaches the ranks, which
+    finish the step, agree, write a (ZeRO) checkpoint of it and exit; torchrun itself exits non-zero."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    args = zero_args(run, zero_stage=2, **{"train.max_steps": 500, "checkpoint.every": 0, "train.val_tokens": 0})
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=REPO, text=True,
+                            env=train_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").exists() and len(losses(run)) >= 2:  # training is under way
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # bash exec'd torchrun: this is the agent's pid
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode != 0 and "got signal: 10" in err, err[-3000:]
+    step = max(losses(run))
+    assert 2 <= step < 500 and f"stopped early: {step} steps" in out, out
+    assert err.count(f"stopping at step {step} on a termination signal") == 2  # both ranks, the same step
+    latest = ckpt.latest_checkpoint(run / "checkpoints")
+    assert latest.endswith(f"step_{step:08d}")
+    meta = json.loads((run / "checkpoints" / f"step_{step:08d}" / "meta.json").read_text())
+    assert {"rank00000.pt", "rank00001.pt"} <= set(meta["files"]) and any(f.startswith("zero/") for f in meta["files"])
