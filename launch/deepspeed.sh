@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch `mamba-dist train` with the DeepSpeed launcher (`deepspeed`), on this node or on every node of a hostfile.
 #
-#   launch/deepspeed.sh --config configs/mamba-1.4b.yaml data.path=/data/pile parallel.zero_stage=2   # this node, all GPUs
+#   launch/deepspeed.sh --config configs/mamba-1.4b.yaml data.path=/data/pile parallel.zero_stage=2  # all GPUs here
 #   NUM_GPUS=4 launch/deepspeed.sh --config ...                                   # this node, GPUs 0-3
 #   HOSTFILE=launch/hostfile launch/deepspeed.sh --config ... parallel.tp=2 parallel.zero_stage=1
 #       # every node in the hostfile (see launch/hostfile.example), started from this one over passwordless ssh

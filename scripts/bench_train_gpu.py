@@ -214,7 +214,8 @@ def profile_phases(args, model, optimizer, scheduler, cfg, dims, batches, derive
 def _fmt(r: dict) -> str:
     mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "   n/a"
     mem = f"{r['peak_mem_gb']:6.2f}" if r.get("peak_mem_gb") is not None else "   n/a"
-    return (f"{r['config']:<20} {r['mode']:<6} {r['backend']:<9} {r['dtype']:<5} {r['micro_batch']:>3}x{r['seqlen']:<5} "
+    return (f"{r['config']:<20} {r['mode']:<6} {r['backend']:<9} {r['dtype']:<5} "
+            f"{r['micro_batch']:>3}x{r['seqlen']:<5} "
             f"{r['tokens_per_s']:>12,.0f} {r['ms_per_step']:>9.1f} {mem:>8} {mfu:>6}   "
             f"fwd/bwd/opt {r['fwd_ms']:.1f}/{r['bwd_ms']:.1f}/{r['opt_ms']:.1f} ms   "
             f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
