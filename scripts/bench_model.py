@@ -127,6 +127,25 @@ def _run_one(args, mixer: str, backend: str) -> dict:
             "params_m": n_params / 1e6}
 
 
+def _wait(proc, q, limit: float) -> dict:
+    """The child's result; an error row if it dies or runs past `limit` seconds (then it is terminated)."""
+    import queue
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            res = q.get(timeout=1.0)
+            proc.join()
+            return res
+        except queue.Empty:
+            if not proc.is_alive():
+                return {"error": f"benchmark process exited with code {proc.exitcode}"}
+            if limit and time.monotonic() - t0 > limit:
+                proc.terminate()
+                proc.join()
+                return {"error": f"over the time limit of {limit:.0f} s"}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mixer", choices=["mamba1", "mamba2", "both"], default="both")
@@ -148,6 +167,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds per backend run before it is stopped and reported as such (0: none)")
     p.add_argument("--json", default="", help="also write the results to this file")
     args = p.parse_args(argv)
 
@@ -164,8 +185,7 @@ def main(argv=None) -> None:
             q = ctx.Queue()
             proc = ctx.Process(target=run_one, args=(args, mixer, backend, q))
             proc.start()
-            res = q.get()
-            proc.join()
+            res = _wait(proc, q, args.time_limit)
             rows.append({"mixer": mixer, "backend": backend, **res})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
