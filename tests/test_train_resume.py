@@ -42,13 +42,21 @@ def _assert_bit_identical(run_dir) -> None:
 
 def test_sigkill_after_step_then_resume_is_bit_identical(tmp_path):
     run = tmp_path / "run"
-    args = tiny_args(run, **{"train.max_steps": STEPS})
+    args = tiny_args(run, **{"train.max_steps": STEPS, "logging.tensorboard": "true"})
     _killed(run_train(args, env={"MAMBA_DIST_FAULT": "after_step_5"}))
     assert ckpt.latest_checkpoint(run / "checkpoints").endswith("step_00000004")
     assert max(losses(run)) == 5  # it did get to step 5 before dying
     proc = ok(run_train(args))  # checkpoint.resume=auto
     assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
     _assert_bit_identical(run)
+    # TensorBoard: the killed run's step 5 is purged, the resumed run's replaces it (one point per step)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    events = ea.Scalars("train/loss")
+    assert [e.step for e in events] == list(range(1, STEPS + 1))
+    assert [e.value for e in events] == pytest.approx([reference_run()[0][s] for s in range(1, STEPS + 1)])
 
 
 def test_sigterm_checkpoints_at_the_end_of_the_step_and_resume_is_bit_identical(tmp_path):
