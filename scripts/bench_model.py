@@ -4,7 +4,9 @@ Backends: `reference` (ours, pure PyTorch; always), `fused` (mamba_ssm / causal_
 import) and `hf` (HF transformers' MambaForCausalLM / Mamba2ForCausalLM torch path with the same weights, for
 comparison; on CPU by default). Each backend runs in a fresh process, so peak memory is its own:
 CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS growth over the process's RSS before the first step.
-A step is: logits = model(ids[, seq_idx]); cross-entropy; backward.
+A step is: logits = model(ids[, seq_idx]); cross-entropy; backward. Columns: tokens/s and ms/step by wall time
+(median step), cpu-s/step (process CPU time, all threads: steadier on a shared machine), and speed relative to
+`hf` by wall and by CPU time.
 
 Run (CPU, both mixers, default small model):
     python scripts/bench_model.py
@@ -190,16 +192,18 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     # cpu-s/step: process CPU time of a step (all threads); a steadier figure than wall time on a shared machine
+    # vs hf: speed relative to HF's torch path by wall time, and by CPU time
     print(f"\n{'mixer':<8} {'backend':<10} {'params(M)':>9} {'tokens/s':>10} {'ms/step':>9} {'cpu-s/step':>10} "
-          f"{'peak MB':>9} {'vs hf':>7}")
+          f"{'peak MB':>9} {'vs hf':>7} {'(cpu)':>7}")
     for r in rows:
         if "error" in r:
             print(f"{r['mixer']:<8} {r['backend']:<10} unavailable: {r['error']}")
             continue
         hf = next((h for h in rows if h["mixer"] == r["mixer"] and h["backend"] == "hf" and "error" not in h), None)
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.1f}x" if hf else "-"
+        ratio_cpu = f"{hf['cpu_s'] / r['cpu_s']:.1f}x" if hf else "-"
         print(f"{r['mixer']:<8} {r['backend']:<10} {r['params_m']:>9.2f} {r['tokens_per_s']:>10.0f} "
-              f"{r['ms']:>9.1f} {r['cpu_s']:>10.2f} {r['peak_mb']:>9.0f} {ratio:>7}")
+              f"{r['ms']:>9.1f} {r['cpu_s']:>10.2f} {r['peak_mb']:>9.0f} {ratio:>7} {ratio_cpu:>7}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
