@@ -1,6 +1,7 @@
 """Tiny models and packed batches shared by the parallel tests (built identically on every rank)."""
 
 import torch
+from mamba_dist.model.packing import seq_idx_from_lengths
 
 D_MODEL, N_LAYER, VOCAB, SEQ, BATCH = 32, 2, 60, 32, 2
 
@@ -23,8 +24,7 @@ def build_model(kind: str, seed: int = 0):
 
 
 def seq_idx_from_docs(docs=DOCS) -> torch.Tensor:
-    rows = [torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(row)]) for row in docs]
-    return torch.stack(rows)
+    return seq_idx_from_lengths(docs)
 
 
 def batch(model=None, seed: int = 0, rows: int = BATCH, docs=DOCS):

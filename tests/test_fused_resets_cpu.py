@@ -14,15 +14,14 @@ import pytest
 import torch
 
 from mamba_dist.model.ops import fused, reference as ref
+from mamba_dist.model.packing import seq_idx_from_lengths
 
 # packed layouts (document lengths per row, L = 40): 1-token documents, a document ending where another starts
 # at a power-of-two position, long documents
 LAYOUTS = [[1, 15, 1, 1, 22], [16, 16, 8], [40], [7, 25, 1, 7]]
 
 
-def seq_idx_of(layouts):
-    rows = [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in layouts]
-    return torch.stack(rows).to(torch.int32)
+seq_idx_of = seq_idx_from_lengths
 
 
 def rel(a, b):

@@ -18,6 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mamba_dist.model import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mamba_dist.model.backend import fused_unavailable_reason  # noqa: E402
+from mamba_dist.model.packing import seq_idx_from_lengths  # noqa: E402
 
 _why = fused_unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why is not None, reason=f"fused kernels unavailable: {_why}")]
@@ -56,8 +57,7 @@ def rel(a, b):
 
 
 def seq_idx_of(layouts):
-    rows = [torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in layouts]
-    return torch.stack(rows).to(torch.int32).to(DEV)
+    return seq_idx_from_lengths(layouts, device=DEV)
 
 
 def pair(name, backend):

@@ -11,6 +11,7 @@ import torch
 
 from mamba_dist.model import MambaConfig, MambaLMHeadModel
 from mamba_dist.model.ops import reference
+from mamba_dist.model.packing import seq_idx_from_lengths
 
 TOL = 1e-5
 SEQ = 32
@@ -28,9 +29,7 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def seq_idx_of(layouts):
-    return torch.stack([torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(row)])
-                        for row in layouts])
+seq_idx_of = seq_idx_from_lengths
 
 
 def build(mixer: str):
