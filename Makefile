@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The `distributed` extra (megatron-core, DeepSpeed) is what mamba_dist.parallel builds on.
+# The `distributed` extra adds DeepSpeed (ZeRO); megatron-core is a core dependency.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q $(TORCH) -e '.[distributed]'
