@@ -89,10 +89,19 @@ def _linear_off_cuda(module, input, weight, bias=None, allreduce_dgrad=False, **
     return torch.nn.functional.linear(input, weight, bias)
 
 
+class _OffCudaLinear:
+    """Mixin for megatron's parallel linears: their own autograd function on CUDA, `_linear_off_cuda` elsewhere."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if input.is_cuda:
+            return super()._forward_impl(input, weight, *args, **kwargs)
+        return _linear_off_cuda(self, input, weight, *args, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------- modules
 
 
-class ColumnParallel(ColumnParallelLinear):
+class ColumnParallel(_OffCudaLinear, ColumnParallelLinear):
     """Column-parallel linear: output features sharded (weight rows, bias).
 
     grad_reduce: all-reduce the input gradient over TP (megatron's allreduce_dgrad; the input is replicated and
@@ -122,11 +131,6 @@ class ColumnParallel(ColumnParallelLinear):
                 delattr(self.bias, attr)
             mark_tp(self.bias, 0, self.segments)
 
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        if input.is_cuda:
-            return super()._forward_impl(input, weight, *args, **kwargs)
-        return _linear_off_cuda(self, input, weight, *args, **kwargs)
-
     def load_full_(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         r, w = self.tp_group.rank(), self.tp_group.size()
         if self.weight is not None:
@@ -140,7 +144,7 @@ class ColumnParallel(ColumnParallelLinear):
         return super().forward(x)[0]
 
 
-class RowParallel(RowParallelLinear):
+class RowParallel(_OffCudaLinear, RowParallelLinear):
     """Row-parallel linear: input features sharded (weight columns); the bias (if any) is replicated.
 
     reduce="all":          all-reduce the partial outputs (megatron's reduce_from_tensor_model_parallel_region).
@@ -163,11 +167,6 @@ class RowParallel(RowParallelLinear):
         self.segments = tuple(segments) if segments is not None else (in_features,)
         self.in_features, self.out_features = self.input_size_per_partition, out_features
         mark_tp(self.weight, 1, self.segments)
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        if input.is_cuda:
-            return super()._forward_impl(input, weight, *args, **kwargs)
-        return _linear_off_cuda(self, input, weight, *args, **kwargs)
 
     def load_full_(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         r, w = self.tp_group.rank(), self.tp_group.size()
