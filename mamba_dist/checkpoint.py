@@ -219,7 +219,7 @@ def load_state_dict_strict(module: torch.nn.Module, state: dict, path: str, what
 # val_every or logging, may change on resume). Data order depends on seed, seq_len and batch layout.
 MUST_MATCH = ("model", "data.seq_len", "train.global_batch_tokens", "train.micro_batch_size", "seed",
               "parallel.tp", "parallel.zero_stage")
-MAY_DIFFER = ("model.backend",)
+MAY_DIFFER = ("model.backend", "model.fused_ce")  # how the model is computed, not what it is
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -36,6 +36,11 @@ MAMBA1_KEYS = {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt
 MAMBA2_KEYS = {"d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
                "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
                "conv_bias", "chunk_size", "use_mem_eff_path"}
+
+
+# model.* keys that choose how the model is computed, not what it is (absent from mamba_ssm's config.json; may change
+# between a checkpoint and its resume)
+RUNTIME_MODEL_KEYS = ("mixer", "backend", "fused_ce")
 
 
 @dataclass
@@ -57,10 +62,13 @@ class ModelConfig:
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
     backend: str = "auto"  # auto | reference | fused
+    # the loss fused with lm_head, chunked over tokens so the (tokens x vocab) fp32 logits never exist at once:
+    # auto = on at tp == 1 (the vocab-parallel loss under TP has its own), true | false
+    fused_ce: Union[bool, str] = "auto"
 
     def mamba_config_dict(self) -> dict:
         """The mamba_ssm config.json dict of this model (mixer folded into ssm_cfg)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("mixer", "backend")}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_MODEL_KEYS}
         d["ssm_cfg"] = {"layer": self.mixer, **{k: v for k, v in self.ssm_cfg.items() if k != "layer"}}
         return d
 
@@ -354,6 +362,7 @@ def validate_config(cfg: Config) -> None:
     m = cfg.model
     _choice(m.mixer, "model.mixer", ("Mamba1", "Mamba2"))
     _choice(m.backend, "model.backend", ("auto", "reference", "fused"))
+    _check(m.fused_ce in (True, False, "auto"), "model.fused_ce", f"must be auto, true or false, got {m.fused_ce!r}")
     for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
         _check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
     _check(m.d_intermediate >= 0, "model.d_intermediate", f"must be >= 0, got {m.d_intermediate}")

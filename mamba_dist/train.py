@@ -15,9 +15,9 @@ Configuration is defaults <- YAML <- key=value overrides (mamba_dist/config.py);
 <run_dir>/checkpoints (checkpoint.dir). `checkpoint.resume=auto` (default) continues from the latest complete
 checkpoint there, bit-exactly on CPU.
 
-The parallel-specific steps are the small functions `parallelize_model`, `build_optimizer`, `build_deepspeed`,
-`backward`, `optimizer_step`, `save_model_and_optimizer` and `load_model_and_optimizer`: the DeepSpeed engine path
-sits beside the plain torch path in each of them.
+`build_training` composes parallelism, AdamW and the schedule into one small object per path (`TorchPath`, or
+`DeepSpeedPath` for ZeRO): it holds what differs between them (backward, optimizer step, checkpoint files).
+`train_step` is the one training step; the loop below, the benchmarks (scripts/bench_*.py) and the tests call it.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def prepare_config(config_path: Optional[str], overrides: list[str],
         check_model_layout(cfg.model.mamba_config_dict(), cfg.parallel.tp)
     except ParallelLayoutError as e:
         raise ConfigError(f"parallel.tp: {e}") from None
+    if cfg.model.fused_ce is True and cfg.parallel.tp > 1:
+        raise ConfigError("model.fused_ce: true needs parallel.tp=1 (under TP the loss is megatron's vocab-parallel "
+                          "cross-entropy); use model.fused_ce=auto")
     if cfg.parallel.zero_stage > 0 and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"parallel.zero_stage: {cfg.parallel.zero_stage} needs DeepSpeed, which is not installed "
                           f"(pip install deepspeed, or use parallel.zero_stage=0 for DDP)")
@@ -161,10 +164,6 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
-def is_deepspeed(model) -> bool:
-    return type(model).__module__.startswith("deepspeed.")
-
-
 def build_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
                     derived: Derived, dims):
     """parallel.zero_stage 1-3: wrap model + AdamW + LR schedule in a DeepSpeed ZeRO engine, which then owns data
@@ -183,87 +182,143 @@ def build_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
                                   lr_scheduler=scheduler)
 
 
-def no_sync(model: torch.nn.Module, sync: bool):
-    """DDP skips the gradient all-reduce on non-final micro-batches of an accumulation (DeepSpeed decides that
-    itself: its no_sync() refuses ZeRO-2/3)."""
-    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
-
-
-def backward(model: torch.nn.Module, loss: torch.Tensor, grad_accum: int) -> None:
-    """Accumulate the gradient of one micro-batch's mean loss into the step's mean over grad_accum micro-batches.
-    DeepSpeed: engine.step() belongs after every engine.backward(); it counts micro-batches and runs the optimizer
-    (reduce-scatter, clipping, AdamW, schedule) only at the accumulation boundary, i.e. after the last one."""
-    if is_deepspeed(model):
-        model.backward(loss)
-        model.step()
-    else:
-        (loss / grad_accum).backward()
-
-
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config,
-                   dims) -> tuple[torch.Tensor, bool]:
-    """Clip, step, advance the schedule. Returns (grad norm before clipping, whether the step was applied): a
-    non-finite gradient norm skips the update (and is logged) rather than poisoning the weights."""
-    if is_deepspeed(model):  # DeepSpeed stepped at the last micro-batch's backward(); it skips non-finite steps
-        norm = model.get_global_grad_norm()
-        return torch.as_tensor(float("nan") if norm is None else float(norm)), model.was_step_applied()
-    from mamba_dist.parallel.loss import clip_grad_norm_
-
-    norm = clip_grad_norm_(list(unwrap(model).parameters()), cfg.optim.grad_clip, dims)
-    applied = bool(torch.isfinite(norm))
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return norm, applied
-
-
 def _model_files(dims) -> tuple[str, str]:
     if dims.tp > 1:  # each TP rank holds a different shard
         return f"model-tp{dims.tp_rank:02d}.pt", f"optim-tp{dims.tp_rank:02d}.pt"
     return "model.pt", "optim.pt"
 
 
+class TorchPath:
+    """The plain torch path (one process, or DDP over the DP group): the loop's backward, optimizer step and
+    checkpoint files. The trainer clips (TP-aware), steps AdamW and the schedule itself."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, dims):
+        self.model, self.optimizer, self.scheduler, self.cfg, self.dims = model, optimizer, scheduler, cfg, dims
+
+    def no_sync(self, last: bool):
+        """DDP skips the gradient all-reduce on the non-final micro-batches of an accumulation."""
+        if last or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        """Accumulate the gradient of one micro-batch's mean loss into the step's mean over grad_accum."""
+        (loss / grad_accum).backward()
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        """Clip, step, advance the schedule. Returns (grad norm before clipping, whether the step was applied): a
+        non-finite gradient norm skips the update (and is logged) rather than poisoning the weights."""
+        from mamba_dist.parallel.loss import clip_grad_norm_
+
+        norm = clip_grad_norm_(list(unwrap(self.model).parameters()), self.cfg.optim.grad_clip, self.dims)
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm, applied
+
+    def save(self, tmp_dir: str) -> None:
+        """Every DP replica holds the same state, so DP rank 0 (of each TP rank) writes it."""
+        if self.dims.dp_rank != 0:
+            return
+        model_file, optim_file = _model_files(self.dims)
+        ckpt.save_file(unwrap(self.model).state_dict(), os.path.join(tmp_dir, model_file))
+        ckpt.save_file({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       os.path.join(tmp_dir, optim_file))
+
+    def load(self, path: str) -> None:
+        model_file, optim_file = _model_files(self.dims)
+        ckpt.load_state_dict_strict(unwrap(self.model), ckpt.load_file(path, model_file), path)
+        state = ckpt.load_file(path, optim_file)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit the optimizer: {e}") from None
+
+
 DEEPSPEED_TAG = "zero"  # <checkpoint>/zero/: DeepSpeed's own sharded files (zero_to_fp32.py beside it reads them)
 
 
-def save_model_and_optimizer(tmp_dir: str, model, optimizer, scheduler, dims) -> None:
-    """Plain torch: every DP replica holds the same state, so DP rank 0 (of each TP rank) writes it.
-    DeepSpeed: every rank writes its model-parallel / ZeRO partition (optimizer and schedule included) under
-    tmp_dir/zero; the trainer's atomic rename of tmp_dir covers it like any other file."""
-    if is_deepspeed(model):
+class DeepSpeedPath(TorchPath):
+    """parallel.zero_stage 1-3: the DeepSpeed engine (`model`) owns data parallelism, accumulation, clipping,
+    the optimizer and the schedule; every rank writes its partition."""
+
+    def no_sync(self, last: bool):
+        return contextlib.nullcontext()  # the engine decides (its no_sync() refuses ZeRO-2/3)
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        """engine.step() belongs after every engine.backward(): it counts micro-batches and runs the optimizer
+        (reduce-scatter, clipping, AdamW, schedule) only at the accumulation boundary, after the last one."""
+        self.model.backward(loss)
+        self.model.step()
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        norm = self.model.get_global_grad_norm()  # stepped in the last backward(); it skips non-finite steps
+        return torch.as_tensor(float("nan") if norm is None else float(norm)), self.model.was_step_applied()
+
+    def save(self, tmp_dir: str) -> None:
+        """The engine's model-parallel / ZeRO partitions (optimizer and schedule included) under tmp_dir/zero; the
+        trainer's atomic rename of tmp_dir covers them like any other file."""
         from mamba_dist.parallel import save_engine_checkpoint
 
-        save_engine_checkpoint(model, tmp_dir, DEEPSPEED_TAG)
-        return
-    if dims.dp_rank != 0:
-        return
-    model_file, optim_file = _model_files(dims)
-    ckpt.save_file(unwrap(model).state_dict(), os.path.join(tmp_dir, model_file))
-    ckpt.save_file({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   os.path.join(tmp_dir, optim_file))
+        save_engine_checkpoint(self.model, tmp_dir, DEEPSPEED_TAG)
 
-
-def load_model_and_optimizer(path: str, model, optimizer, scheduler, dims) -> None:
-    if is_deepspeed(model):
+    def load(self, path: str) -> None:
         from mamba_dist.parallel import load_engine_checkpoint
 
         try:
-            load_engine_checkpoint(model, path, tag=DEEPSPEED_TAG)
+            load_engine_checkpoint(self.model, path, tag=DEEPSPEED_TAG)
         except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ckpt.CheckpointError(f"checkpoint {path}: cannot load its DeepSpeed state ({first})") from None
-        return
-    model_file, optim_file = _model_files(dims)
-    ckpt.load_state_dict_strict(unwrap(model), ckpt.load_file(path, model_file), path)
-    state = ckpt.load_file(path, optim_file)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ckpt.CheckpointError(f"checkpoint {path} does not fit the optimizer: {e}") from None
+
+
+def build_training(model: torch.nn.Module, cfg: Config, derived: Derived, dims, device: torch.device) -> TorchPath:
+    """parallelize -> AdamW -> LR schedule (-> DeepSpeed engine): the path object the step runs on."""
+    model = parallelize_model(model, dims, cfg, device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, derived.total_steps))
+    if cfg.parallel.zero_stage > 0:
+        engine = build_deepspeed(model, optimizer, scheduler, cfg, derived, dims)
+        return DeepSpeedPath(engine, optimizer, scheduler, cfg, dims)
+    return TorchPath(model, optimizer, scheduler, cfg, dims)
+
+
+# ============================================================================================ the step
+def use_fused_ce(cfg: Config, dims, device: torch.device) -> bool:
+    """model.fused_ce: auto = on with CUDA at tp == 1 (TP has megatron's vocab-parallel loss instead)."""
+    if cfg.model.fused_ce == "auto":
+        return device.type == "cuda" and not dims.tp_enabled
+    return bool(cfg.model.fused_ce)
+
+
+def forward_loss(model, ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor, dims,
+                 fused_ce: bool) -> torch.Tensor:
+    """Mean token loss of one micro-batch: the lm_head fused with the loss, or logits then (vocab-parallel) CE."""
+    if fused_ce:
+        return model(ids, seq_idx=seq_idx, labels=labels)
+    from mamba_dist.parallel.loss import loss_fn
+
+    return loss_fn(model(ids, seq_idx=seq_idx), labels, dims)
+
+
+def train_step(path: TorchPath, micro_batches: list, dims, amp: bool,
+               fused_ce: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step: forward (bf16 autocast when amp) + loss + backward over each (input_ids, labels,
+    seq_idx) micro-batch on the device, then clip + update + schedule. The one step of the loop, the benchmarks
+    and the tests. Returns (mean loss (device tensor, this rank), grad norm, whether the update was applied)."""
+    n = len(micro_batches)
+    loss_sum = None
+    for i, (ids, labels, seq_idx) in enumerate(micro_batches):
+        with path.no_sync(last=i == n - 1):
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = forward_loss(path.model, ids, labels, seq_idx, dims, fused_ce)
+            path.backward(loss, n)
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+    grad_norm, applied = path.step()
+    return loss_sum / n, grad_norm, applied
 
 
 # ============================================================================================ the loop
@@ -306,9 +361,9 @@ class StopRequest:
         self._previous = {}
 
 
-def restore(path: str, meta: dict, model, optimizer, scheduler, train_loader, dims, world_size: int) -> Progress:
+def restore(path: str, meta: dict, training: TorchPath, train_loader, dims, world_size: int) -> Progress:
     """Load a checkpoint into the built model, optimizer, schedule and loader; returns the progress it records."""
-    load_model_and_optimizer(path, model, optimizer, scheduler, dims)
+    training.load(path)
     if meta["world_size"] == world_size:
         rank_state = ckpt.load_rank_state(path, dims.rank)
         ckpt.set_rng_state(rank_state["rng"])
@@ -349,19 +404,16 @@ def _mean_over_ranks(x: torch.Tensor, dims) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, loader, start_state: dict, n_batches: int, cfg: Config, dims, device, autocast) -> float:
+def evaluate(model, loader, start_state: dict, n_batches: int, dims, device, amp: bool, fused_ce: bool) -> float:
     """Mean validation loss over the same first `n_batches` batches of the val split every time."""
-    from mamba_dist.parallel.loss import loss_fn
-
     model.eval()
     loader.load_state_dict(start_state)
     total = torch.zeros((), device=device)
     n = 0
     for batch in loader:
         ids, labels, seq_idx = _to_device(batch, device)
-        with autocast():
-            logits = model(ids, seq_idx=seq_idx)
-        total += loss_fn(logits, labels, dims).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            total += forward_loss(model, ids, labels, seq_idx, dims, fused_ce).float()
         n += 1
         if n >= n_batches:
             break
@@ -388,7 +440,6 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
     from mamba_dist.model import MambaLMHeadModel
     from mamba_dist.parallel.ac import selected_layers
     from mamba_dist.parallel.dims import ParallelDims
-    from mamba_dist.parallel.loss import loss_fn
 
     device = _setup_torch(cfg)
     backend = None if cfg.parallel.dist_backend == "auto" else cfg.parallel.dist_backend
@@ -405,15 +456,10 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(cfg.model.mamba_config_dict(), cfg.data.seq_len)
         n_recomputed = len(selected_layers(cfg.model.n_layer, cfg.train.ac_fraction))
-        model = parallelize_model(model, dims, cfg, device)
-        optimizer = build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, derived.total_steps))
-        if cfg.parallel.zero_stage > 0:
-            model = build_deepspeed(model, optimizer, scheduler, cfg, derived, dims)
+        training = build_training(model, cfg, derived, dims, device)
+        model, optimizer = training.model, training.optimizer
         amp = cfg.precision.dtype == "bf16"
-
-        def autocast():
-            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+        fused_ce = use_fused_ce(cfg, dims, device)
 
         loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
                          dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.seed, tokenizer=cfg.data.tokenizer,
@@ -425,7 +471,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         resume_from, meta = resume or (None, None)
         prog = Progress()
         if resume_from is not None:
-            prog = restore(resume_from, meta, model, optimizer, scheduler, train_loader, dims, derived.world_size)
+            prog = restore(resume_from, meta, training, train_loader, dims, derived.world_size)
 
         metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.jsonl, enabled=rank0,
                                 resume_step=prog.step if resume_from else None)
@@ -444,13 +490,13 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         def validate():
             if val_loader is None:
                 return None
-            v = evaluate(model, val_loader, val_start, derived.val_batches, cfg, dims, device, autocast)
+            v = evaluate(model, val_loader, val_start, derived.val_batches, dims, device, amp, fused_ce)
             metrics.log(prog.step, "val", {"val_loss": v})
             return v
 
         def save():
             tmp = ckpt.begin_save(ckpt_dir, prog.step, dims.rank, barrier)
-            save_model_and_optimizer(tmp, model, optimizer, scheduler, dims)
+            training.save(tmp)
             ckpt.fault_point(f"checkpoint_write_{prog.step}")  # crash tests: model saved, rest not yet
             ckpt.save_rank_state(tmp, dims.rank, train_loader.state_dict())
             meta = {"tokens": prog.tokens, "skipped": prog.skipped, "world_size": derived.world_size,
@@ -468,22 +514,14 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         while prog.step < derived.total_steps:
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # this step's (DeepSpeed advances it inside the last backward)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(derived.grad_accum):
-                ids, labels, seq_idx = _to_device(next(batches), device)
-                with no_sync(model, sync=micro == derived.grad_accum - 1):
-                    with autocast():
-                        logits = model(ids, seq_idx=seq_idx)
-                    loss = loss_fn(logits, labels, dims)
-                    backward(model, loss, derived.grad_accum)
-                loss_sum += loss.detach().float()
-            grad_norm, applied = optimizer_step(model, optimizer, scheduler, cfg, dims)
+            micro_batches = [_to_device(next(batches), device) for _ in range(derived.grad_accum)]
+            loss, grad_norm, applied = train_step(training, micro_batches, dims, amp, fused_ce)
             prog.step += 1
             prog.tokens += cfg.train.global_batch_tokens
             prog.skipped += not applied
             if not applied:
                 log.warning("step %d: non-finite gradient norm (%s); update skipped", prog.step, grad_norm.item())
-            loss_val = _mean_over_ranks(loss_sum / derived.grad_accum, dims)
+            loss_val = _mean_over_ranks(loss, dims)
             dt = time.perf_counter() - t0
             tok_s = cfg.train.global_batch_tokens / dt
             if rank0 and (prog.step % cfg.logging.log_every == 0 or prog.step == derived.total_steps):

@@ -95,3 +95,15 @@ def test_bf16_autocast_trains(tmp_path):
 
     state = torch.load(glob.glob(str(run / "checkpoints" / "step_*" / "model.pt"))[0], weights_only=True)
     assert all(t.dtype == torch.float32 for t in state.values())
+
+
+def test_fused_ce_gives_the_same_losses(tmp_path):
+    """model.fused_ce=true (lm_head + loss chunked, no logits) trains like the logits path, also with DDP and
+    under gradient accumulation; validation goes through it too."""
+    base, fused = tmp_path / "base", tmp_path / "fused"
+    common = {"train.max_steps": 3, "checkpoint.every": 0}
+    ok(run_train(tiny_args(base, **common, **{"model.fused_ce": "false"})))
+    ok(run_train(tiny_args(fused, **common, **{"model.fused_ce": "true"})))
+    for kind, key in (("train", "loss"), ("val", "val_loss")):
+        a, b = losses(base, kind, key), losses(fused, kind, key)
+        assert a.keys() == b.keys() and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (kind, a, b)

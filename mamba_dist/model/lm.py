@@ -12,33 +12,58 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backend import resolve_backend
+from .backend import kernels, resolve_backend
 from .config import MambaConfig
 from .mamba1 import Mamba
 from .mamba2 import Mamba2, RMSNormGated
+from .ops.cross_entropy import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
-    """mamba_ssm's RMSNorm: statistics in fp32 whatever the input dtype; output in the weight's dtype."""
+    """mamba_ssm's RMSNorm: statistics in fp32 whatever the input dtype; output in the weight's dtype (reference
+    backend) or the input's (fused: mamba_ssm's Triton kernel, whose output feeds a bf16 matmul either way).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
+    forward(x, residual=None, prenorm=False, residual_in_fp32=False) as mamba_ssm's: with prenorm, first
+    residual = x + residual (fp32 when residual_in_fp32) and returns (norm(residual), residual). The fused backend
+    does the add, the cast and the norm in one kernel, forward and backward."""
+
+    is_rms_norm = True
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, backend: str = "reference", device=None, dtype=None):
         super().__init__()
         self.eps = eps
+        self.backend = backend
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return out.to(self.weight.dtype)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, prenorm: bool = False,
+                residual_in_fp32: bool = False):
+        out, residual = kernels(self.backend).add_norm(x, residual, self.weight, self.bias, self.eps,
+                                                       residual_in_fp32, self.is_rms_norm)
+        return (out, residual) if prenorm else out
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm computed in fp32 (mamba_ssm's rms_norm=False option), output in the weight's dtype."""
+class LayerNorm(RMSNorm):
+    """LayerNorm computed in fp32 (mamba_ssm's rms_norm=False option), with the same residual-add interface."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(self.weight.dtype)
+    is_rms_norm = False
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, backend: str = "reference", device=None, dtype=None):
+        super().__init__(hidden_size, eps, backend, device, dtype)
+        self.bias = nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
+
+
+class LMHead(nn.Linear):
+    """lm_head: logits, or with labels the mean cross-entropy fused with the projection (chunked, so the
+    (tokens x vocab) logits never exist at once; model/ops/cross_entropy.py). The loss runs inside this module's
+    forward so that ZeRO-3 has the (tied) weight gathered around it."""
+
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        if self.bias is not None:
+            raise ValueError("LMHead: the fused loss has no bias term")
+        return linear_cross_entropy(x, self.weight, labels)
 
 
 class GatedMLP(nn.Module):
@@ -74,18 +99,14 @@ class Block(nn.Module):
         else:
             self.mlp = None
 
-    def _add_norm(self, norm: nn.Module, hidden_states, residual):
-        residual = hidden_states + residual if residual is not None else hidden_states
-        if self.residual_in_fp32:
-            residual = residual.float()
-        return norm(residual), residual
-
     def forward(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 seq_idx: Optional[torch.Tensor] = None):
-        hidden_states, residual = self._add_norm(self.norm, hidden_states, residual)
+        hidden_states, residual = self.norm(hidden_states, residual, prenorm=True,
+                                            residual_in_fp32=self.residual_in_fp32)
         hidden_states = self.mixer(hidden_states, seq_idx=seq_idx)
         if self.mlp is not None:
-            hidden_states, residual = self._add_norm(self.norm2, hidden_states, residual)
+            hidden_states, residual = self.norm2(hidden_states, residual, prenorm=True,
+                                                 residual_in_fp32=self.residual_in_fp32)
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
@@ -120,7 +141,7 @@ class MixerModel(nn.Module):
         self.residual_in_fp32 = config.residual_in_fp32
         d = config.d_model
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory)
-        norm_cls = partial(RMSNorm if config.rms_norm else LayerNorm, eps=1e-5, **factory)
+        norm_cls = partial(RMSNorm if config.rms_norm else LayerNorm, eps=1e-5, backend=backend, **factory)
         ssm_cfg = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
         mixer_cls = Mamba2 if config.mixer == "Mamba2" else Mamba
         layers = []
@@ -144,8 +165,7 @@ class MixerModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, residual, seq_idx=seq_idx)
-        residual = hidden_states + residual if residual is not None else hidden_states
-        return self.norm_f(residual)
+        return self.norm_f(hidden_states, residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
 
 
 def _check_inputs(input_ids: torch.Tensor, seq_idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -181,7 +201,7 @@ class MambaLMHeadModel(nn.Module):
         self.backend = resolve_backend(backend, device)
         factory = {"device": device, "dtype": dtype}
         self.backbone = MixerModel(config, self.backend, initializer_cfg=initializer_cfg, **factory)
-        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **factory)
+        self.lm_head = LMHead(config.d_model, config.padded_vocab_size, bias=False, **factory)
         # mamba_ssm applies _init_weights a second time at this level (n_residuals_per_layer=1): this pass decides
         # the final scale of out_proj / fc2, 1/sqrt(n_layer)
         self.apply(partial(_init_weights, n_layer=config.n_layer, **(initializer_cfg or {})))
@@ -198,12 +218,21 @@ class MambaLMHeadModel(nn.Module):
             if m is not self and hasattr(m, "backend"):
                 m.backend = self.backend
 
-    def forward(self, input_ids: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """logits (B, L, padded_vocab); with `labels` (B, L) long instead the mean cross-entropy over the labels
+        that are not -100, fused with lm_head (no logits materialized; lm_head must be an LMHead, i.e. tp == 1)."""
         seq_idx = _check_inputs(input_ids, seq_idx)
         if self.backend == "fused" and input_ids.device.type != "cuda":
             raise RuntimeError(f"model backend 'fused' needs CUDA inputs, got input_ids on {input_ids.device}; "
                                "use backend='reference' (or model.set_backend('reference')) on this device")
-        return self.lm_head(self.backbone(input_ids, seq_idx=seq_idx))
+        hidden = self.backbone(input_ids, seq_idx=seq_idx)
+        if labels is None:
+            return self.lm_head(hidden)
+        if not isinstance(self.lm_head, LMHead):
+            raise ValueError(f"labels= (the fused loss) needs the model's own LMHead, not "
+                             f"{type(self.lm_head).__name__} (tensor parallelism has its own vocab-parallel loss)")
+        return self.lm_head(hidden, labels=labels)
 
     def no_weight_decay(self) -> set:
         """Names of parameters trained without weight decay: A_log, D, dt biases (marked _no_weight_decay),

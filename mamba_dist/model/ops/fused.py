@@ -176,4 +176,14 @@ def rms_norm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, g
     return rmsnorm_fn(x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
 
 
-__all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "rms_norm_gated"]
+def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+             residual_in_fp32: bool = False, is_rms_norm: bool = True) -> Tuple[Tensor, Tensor]:
+    """Residual add + RMSNorm/LayerNorm in one Triton kernel (mamba_ssm's layer_norm_fn with prenorm=True), forward
+    and backward. Output in x's dtype (bf16 under autocast, where the next matmul wants it), statistics in fp32."""
+    from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+
+    return layer_norm_fn(x, weight, bias, residual=residual, eps=eps, prenorm=True,
+                         residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm)
+
+
+__all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "rms_norm_gated", "add_norm"]

@@ -476,3 +476,21 @@ def rms_norm_gated(x: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, g
     if z is not None and norm_before_gate:
         out = out * F.silu(z.float())
     return out.to(dtype)
+
+
+def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+             residual_in_fp32: bool = False, is_rms_norm: bool = True) -> tuple[Tensor, Tensor]:
+    """residual_out = x + residual (cast to fp32 when residual_in_fp32), then RMSNorm (or LayerNorm with
+    is_rms_norm=False) of it in fp32, times weight (+ bias); the output in the weight's dtype.
+    Returns (normed, residual_out): mamba_ssm's layer_norm_fn(..., prenorm=True) (layer_norm_ref)."""
+    residual_out = x + residual if residual is not None else x
+    if residual_in_fp32:
+        residual_out = residual_out.float()
+    rf = residual_out.float()
+    if is_rms_norm:
+        out = rf * torch.rsqrt(rf.square().mean(-1, keepdim=True) + eps) * weight.float()
+        if bias is not None:
+            out = out + bias.float()
+    else:
+        out = F.layer_norm(rf, rf.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
+    return out.to(weight.dtype), residual_out
