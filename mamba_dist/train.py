@@ -144,7 +144,11 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     from mamba_dist.parallel.zero import adamw_param_groups
 
     groups = adamw_param_groups(unwrap(model), cfg.optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    # on CUDA the fused kernel: a few launches for all parameters instead of a few per tensor (the foreach path
+    # took 44 ms a step at 1.4B on an H200); ZeRO steps its own flat partitions with the default implementation
+    fused = cfg.parallel.zero_stage == 0 and all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             fused=fused or None)
 
 
 def lr_lambda(cfg: Config, total_steps: int):

@@ -1,9 +1,8 @@
 """Training-step throughput and peak memory of the trainer's step on one device: DeepSpeed ZeRO vs the plain torch
 path, bf16 autocast, fused kernels, TP=1.
 
-The step is the one in mamba_dist/train.py, built from its own hooks (parallelize_model, build_optimizer,
-build_deepspeed, no_sync, backward, optimizer_step) on a config from configs/: forward under autocast, loss,
-backward, clipping, AdamW, LR schedule. Batches are synthetic (random tokens, 4 packed documents per row, so the
+The step is the trainer's own (`mamba_dist.train.train_step` on `build_training`) on a config from configs/:
+forward under autocast, loss, backward, clipping, AdamW, LR schedule. Batches are synthetic (random tokens, 4 packed documents per row, so the
 kernels run with seq_idx resets) and already on the device: the figures leave data loading out. Every
 (config, mode) row runs in a fresh process, so its peak memory is its own. Modes: `zero1`/`zero2`/`zero3`
 (DeepSpeed ZeRO on a one-rank process group; on one GPU only the engine's overhead and bucketed reductions differ
@@ -84,7 +83,6 @@ def run_row(args, config: str, mode: str) -> dict:
     from mamba_dist.model import MambaLMHeadModel
     from mamba_dist.model.flops import flops_per_token, peak_flops_for
     from mamba_dist.parallel.dims import ParallelDims
-    from mamba_dist.parallel.loss import loss_fn
 
     zero = int(mode[-1]) if mode.startswith("zero") else 0
     tokens_per_step = args.micro_batch * args.seqlen * args.grad_accum
@@ -108,11 +106,8 @@ def run_row(args, config: str, mode: str) -> dict:
 
             limit_triton_autotune()
         n_params = sum(p.numel() for p in model.parameters())
-        model = T.parallelize_model(model, dims, cfg, device)
-        optimizer = T.build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, T.lr_lambda(cfg, derived.total_steps))
-        if zero:
-            model = T.build_deepspeed(model, optimizer, scheduler, cfg, derived, dims)
+        training = T.build_training(model, cfg, derived, dims, device)
+        fused_ce = T.use_fused_ce(cfg, dims, device)
         amp = cfg.precision.dtype == "bf16"
         batches = _batches(4 * derived.grad_accum, cfg.train.micro_batch_size, cfg.data.seq_len,
                            cfg.model.vocab_size, args.docs_per_row, device)
@@ -122,20 +117,11 @@ def run_row(args, config: str, mode: str) -> dict:
             if cuda:
                 torch.cuda.synchronize()
 
-        def step(i: int) -> float:
-            loss_sum = 0.0
-            for micro in range(derived.grad_accum):
-                ids, labels, seq_idx = batches[(i * derived.grad_accum + micro) % len(batches)]
-                with T.no_sync(model, sync=micro == derived.grad_accum - 1):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits = model(ids, seq_idx=seq_idx)
-                    loss = loss_fn(logits, labels, dims)
-                    T.backward(model, loss, derived.grad_accum)
-                loss_sum = loss_sum + loss.detach().float()
-            norm, applied = T.optimizer_step(model, optimizer, scheduler, cfg, dims)
-            return loss_sum
+        def step(i: int):
+            micro = [batches[(i * derived.grad_accum + m) % len(batches)] for m in range(derived.grad_accum)]
+            return T.train_step(training, micro, dims, amp, fused_ce)[0]
 
-        model.train()
+        training.model.train()
         t0 = time.perf_counter()
         for i in range(args.warmup):
             first_loss = step(i)
@@ -150,7 +136,7 @@ def run_row(args, config: str, mode: str) -> dict:
         total = sum(times)
         tok_s = tokens_per_step * args.steps / total
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else memory_gb(device)["rss_gb"]
-        phases = profile_phases(args, model, optimizer, scheduler, cfg, dims, batches, derived, amp, device, sync)
+        phases = profile_phases(args, training, dims, batches, derived, amp, fused_ce, sync)
         peak = peak_flops_for(torch.cuda.get_device_name(device), cfg.precision.dtype) if cuda else None
         flops = flops_per_token(cfg.model.mamba_config_dict(), cfg.data.seq_len).train()
         return {
@@ -162,52 +148,41 @@ def run_row(args, config: str, mode: str) -> dict:
             "peak_mem_gb": peak_gb, **phases,
             "reserved_gb": (torch.cuda.max_memory_reserved(device) / 2**30) if cuda else None,
             "mfu": (flops * tok_s / peak) if peak else None,
-            "loss_first": float(first_loss) / derived.grad_accum, "loss_last": float(last_loss) / derived.grad_accum,
+            "loss_first": float(first_loss), "loss_last": float(last_loss), "fused_ce": fused_ce,
             "autotune_configs": args.autotune_configs or "all",
         }
     finally:
         dims.destroy()
 
 
-def profile_phases(args, model, optimizer, scheduler, cfg, dims, batches, derived, amp, device, sync) -> dict:
+def profile_phases(args, training, dims, batches, derived, amp, fused_ce, sync) -> dict:
     """Mean ms of each phase over a few more steps, synchronizing between phases (so not part of the timed steps):
-    forward + loss, backward, optimizer (DeepSpeed: engine.step() at the boundary, i.e. ZeRO reduction, clipping,
-    AdamW and the parameter update; torch: clipping + AdamW)."""
+    forward + loss, backward (DeepSpeed: engine.backward + engine.step, i.e. also the ZeRO reduction, clipping and
+    AdamW at the boundary), and the optimizer step (torch: clipping + AdamW + schedule)."""
     import torch
 
     from mamba_dist import train as T
-    from mamba_dist.parallel.loss import loss_fn
 
     n = max(1, args.profile_steps)
     acc = {"fwd_ms": 0.0, "bwd_ms": 0.0, "opt_ms": 0.0}
-    for i in range(n):
+    for _ in range(n):
         for micro in range(derived.grad_accum):
             ids, labels, seq_idx = batches[micro % len(batches)]
             sync()
             t0 = time.perf_counter()
-            with T.no_sync(model, sync=micro == derived.grad_accum - 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(ids, seq_idx=seq_idx)
-                loss = loss_fn(logits, labels, dims)
+            with training.no_sync(last=micro == derived.grad_accum - 1):
+                with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = T.forward_loss(training.model, ids, labels, seq_idx, dims, fused_ce)
                 sync()
                 t1 = time.perf_counter()
-                if T.is_deepspeed(model):
-                    model.backward(loss)
-                    sync()
-                    t2 = time.perf_counter()
-                    model.step()
-                else:
-                    (loss / derived.grad_accum).backward()
-                    sync()
-                    t2 = time.perf_counter()
-            sync()
+                training.backward(loss, derived.grad_accum)
+                sync()
             acc["fwd_ms"] += 1e3 * (t1 - t0)
-            acc["bwd_ms"] += 1e3 * (t2 - t1)
-            acc["opt_ms"] += 1e3 * (time.perf_counter() - t2)
-        t3 = time.perf_counter()
-        T.optimizer_step(model, optimizer, scheduler, cfg, dims)
+            acc["bwd_ms"] += 1e3 * (time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        training.step()
         sync()
-        acc["opt_ms"] += 1e3 * (time.perf_counter() - t3)
+        acc["opt_ms"] += 1e3 * (time.perf_counter() - t2)
     return {k: v / n for k, v in acc.items()}
 
 

@@ -213,6 +213,29 @@ def test_rms_norm_gated():
     check("rms_norm_gated fp32", errors, dict.fromkeys(errors, TOL_FP32))
 
 
+@pytest.mark.parametrize("rms", [True, False])
+@pytest.mark.parametrize("first", [False, True])  # first: no residual yet (the embedding output goes in)
+def test_add_norm(rms, first):
+    torch.manual_seed(0)
+    leaves = {"x": torch.randn(4, SEQ, 96, device=DEV), "weight": torch.rand(96, device=DEV) + 0.5}
+    if not first:
+        leaves["residual"] = torch.randn(4, SEQ, 96, device=DEV)
+    if not rms:
+        leaves["bias"] = torch.randn(96, device=DEV) * 0.1
+    leaves = {k: v.requires_grad_() for k, v in leaves.items()}
+    outs = {}
+    for name, mod in (("fused", _fused()), ("ref", ref)):
+        out, res = mod.add_norm(leaves["x"], leaves.get("residual"), leaves["weight"], leaves.get("bias"), 1e-5,
+                                True, rms)
+        assert res.dtype == torch.float32
+        g = torch.autograd.grad((out * torch.linspace(-1, 1, 96, device=DEV)).sum() + res.square().sum(),
+                                list(leaves.values()))
+        outs[name] = (out, res, dict(zip(leaves, g)))
+    errors = {"out": rel(outs["fused"][0], outs["ref"][0]), "residual": rel(outs["fused"][1], outs["ref"][1]),
+              **{f"d{k}": rel(outs["fused"][2][k], outs["ref"][2][k]) for k in leaves}}
+    check(f"add_norm rms={rms} first={first} fp32", errors, dict.fromkeys(errors, TOL_FP32))
+
+
 # ------------------------------------------------------------------------------------------------- model level
 
 
@@ -287,3 +310,33 @@ def test_model_fused_packed_equals_documents(mixer):
     errors = {"logits": rel(torch.cat([p for p, _ in per_doc]), torch.cat([d for _, d in per_doc]))}
     errors.update({k: rel(g_packed[k], g_sum[k]) for k in g_packed})
     check(f"{mixer} model fused packed=docs", errors, dict.fromkeys(errors, TOL_DOCS))
+
+
+@pytest.mark.parametrize("mixer", ["Mamba1", "Mamba2"])
+def test_model_fused_ce_equals_logits_path(mixer):
+    """model(ids, seq_idx, labels=) (lm_head + loss chunked, no logits) against F.cross_entropy on the logits:
+    fp32 to rounding, bf16 within the bf16 rule against the fp32 truth."""
+    model = build(mixer)
+    ids, labels, seq_idx = batch(model)
+    labels[0, :5] = -100  # ignored tokens
+    model.set_backend("fused")
+
+    def loss_and_grads(fused_ce, bf16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            if fused_ce:
+                loss = model(ids, seq_idx=seq_idx, labels=labels)
+            else:
+                loss = F.cross_entropy(model(ids, seq_idx=seq_idx).float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    truth = loss_and_grads(False, False)
+    f32 = loss_and_grads(True, False)
+    errors = {"loss": rel(f32[0], truth[0]), **{n: rel(f32[1][n], truth[1][n]) for n in truth[1]}}
+    check(f"{mixer} fused CE fp32", errors, dict.fromkeys(errors, TOL_FP32))
+    plain16, fused16 = loss_and_grads(False, True), loss_and_grads(True, True)
+    ref_err = {"loss": rel(plain16[0], truth[0]), **{n: rel(plain16[1][n], truth[1][n]) for n in truth[1]}}
+    fus_err = {"loss": rel(fused16[0], truth[0]), **{n: rel(fused16[1][n], truth[1][n]) for n in truth[1]}}
+    check(f"{mixer} fused CE bf16 (err vs fp32, bound from the logits path)", fus_err,
+          {n: BF16_RATIO * ref_err[n] + BF16_FLOOR for n in fus_err})
