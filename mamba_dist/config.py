@@ -121,6 +121,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
     deterministic: bool = True  # torch.use_deterministic_algorithms (cheap on CPU; bit-exact resume relies on it)
+    # replay each micro-batch's forward + backward as a CUDA graph (no launch overhead): auto = on for Mamba-2 with
+    # the fused kernels, one GPU process per replica at tp 1 (mamba_dist.train.use_cuda_graphs) | true | false
+    cuda_graphs: Union[bool, str] = "auto"
 
 
 @dataclass
@@ -363,6 +366,8 @@ def validate_config(cfg: Config) -> None:
     _choice(m.mixer, "model.mixer", ("Mamba1", "Mamba2"))
     _choice(m.backend, "model.backend", ("auto", "reference", "fused"))
     _check(m.fused_ce in (True, False, "auto"), "model.fused_ce", f"must be auto, true or false, got {m.fused_ce!r}")
+    _check(cfg.train.cuda_graphs in (True, False, "auto"), "train.cuda_graphs",
+           f"must be auto, true or false, got {cfg.train.cuda_graphs!r}")
     for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
         _check(getattr(m, name) > 0, f"model.{name}", f"must be > 0, got {getattr(m, name)}")
     _check(m.d_intermediate >= 0, "model.d_intermediate", f"must be >= 0, got {m.d_intermediate}")
