@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 rc=0
 if [[ -n ${GPU_TEST_K:-} ]]; then
   TRITON_F32_DEFAULT=ieee timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -p no:cacheprovider -m gpu \
-    -k "$GPU_TEST_K" $(ls tests/test_gpu_fused*.py) 2>&1 | tee "$out/pytest.log" \
+    -k "$GPU_TEST_K" $(ls tests/test_gpu_fused*.py tests/test_gpu_train_step.py) 2>&1 | tee "$out/pytest.log" \
     | grep -E "^(ERR|BF16|TIME) |passed|failed|error|Error" | grep -vE "^TIME"
   rc=${PIPESTATUS[0]}
   echo "pytest rc $rc"
