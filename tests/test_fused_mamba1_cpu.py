@@ -278,3 +278,28 @@ def test_inner_rejects_unsupported_shapes(emulated_kernels):
     with pytest.raises(ValueError, match="d_inner % 8"):
         fused_mamba1.mamba1_inner(torch.randn(1, 8, 24), w["conv_weight"], w["conv_bias"], w["x_proj_weight"],
                                   w["dt_proj_weight"], w["dt_proj_bias"], A, w["D"], None)
+
+
+def test_inner_bf16_autocast_dtypes(emulated_kernels):
+    # the dtype plumbing under bf16 autocast over fp32 weights, as training runs it: the emulators assert the
+    # kernels' dtype rules (one bf16 input dtype for u / delta / B / C / z / dout, fp32 A / D / delta_bias, conv
+    # bias in the conv weight's dtype); the result must be as close to the fp32 truth as the reference twin's
+    # own bf16 run (the bound of tests/test_gpu_fused.py: 2 x its error + 1e-3)
+    torch.manual_seed(4)
+    w = _weights(seed=4)
+    seq_idx = seq_idx_from_lengths(LAYOUTS)
+    xz, wout = torch.randn(len(LAYOUTS), L, 32), torch.randn(len(LAYOUTS), L, 16)
+
+    def run16(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, g = _run(fn, xz.bfloat16(), w, seq_idx, wout)
+        assert y.dtype == torch.bfloat16 and g["xz"].dtype == torch.bfloat16
+        assert all(g[k].dtype == torch.float32 for k in w)
+        return y, g
+
+    y_t, g_t = _run(reference_mamba1.mamba1_inner, xz, w, seq_idx, wout)
+    y_r, g_r = run16(reference_mamba1.mamba1_inner)
+    y_f, g_f = run16(fused_mamba1.mamba1_inner)
+    assert rel(y_f, y_t) <= 2 * rel(y_r, y_t) + 1e-3
+    for k in g_t:
+        assert rel(g_f[k], g_t[k]) <= 2 * rel(g_r[k], g_t[k]) + 1e-3, (k, rel(g_f[k], g_t[k]), rel(g_r[k], g_t[k]))

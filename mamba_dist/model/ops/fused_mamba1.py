@@ -115,9 +115,10 @@ class _Mamba1Inner(torch.autograd.Function):
         from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
 
         dev = xz.device.type
-        if torch.is_autocast_enabled(dev):  # as mamba_inner_fn: the matmul weights in the autocast dtype
-            dt = torch.get_autocast_dtype(dev)
-            x_proj_weight, dt_proj_weight = x_proj_weight.to(dt), dt_proj_weight.to(dt)
+        # as mamba_inner_fn: the matmul weights in the autocast dtype (and xz, which in_proj under autocast
+        # already is), so that u, delta, B, C and z share the one input dtype the scan kernel accepts
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xz.dtype
+        xz, x_proj_weight, dt_proj_weight = xz.to(dt), x_proj_weight.to(dt), dt_proj_weight.to(dt)
         if xz.stride(-1) != 1:
             xz = xz.contiguous()
         Bsz, L, two_d = xz.shape
