@@ -303,3 +303,15 @@ def test_inner_bf16_autocast_dtypes(emulated_kernels):
     assert rel(y_f, y_t) <= 2 * rel(y_r, y_t) + 1e-3
     for k in g_t:
         assert rel(g_f[k], g_t[k]) <= 2 * rel(g_r[k], g_t[k]) + 1e-3, (k, rel(g_f[k], g_t[k]), rel(g_r[k], g_t[k]))
+
+
+def test_use_fast_path_is_the_switch():
+    # mamba_ssm's ssm_cfg key use_fast_path (its mamba_inner_fn) switches ours; on by default
+    from mamba_dist.model import MambaConfig, MambaLMHeadModel
+
+    def mixers(**ssm):
+        cfg = MambaConfig(d_model=8, n_layer=2, vocab_size=16, ssm_cfg={"layer": "Mamba1", "d_state": 4, **ssm})
+        return [m for m in MambaLMHeadModel(cfg).modules() if isinstance(m, Mamba)]
+
+    assert [m.use_inner_fn for m in mixers()] == [True, True]
+    assert [m.use_inner_fn for m in mixers(use_fast_path=False)] == [False, False]

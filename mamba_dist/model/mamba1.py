@@ -42,11 +42,11 @@ class Mamba(nn.Module):
         self.layer_idx = layer_idx
         self.backend = backend
         self.activation = "silu"
-        # use_fast_path (mamba_inner_fn) is accepted for config compatibility only. Our own fused function for
-        # the part between in_proj and out_proj (ops.mamba1_inner) reads the conv1d / x_proj / dt_proj weights
-        # directly, which tensor parallelism (swaps those submodules) and ZeRO-3 (gathers a weight only around
-        # its own module's forward) cannot see: both set use_inner_fn = False and get the op-by-op path.
-        self.use_inner_fn = True
+        # use_fast_path (mamba_ssm: mamba_inner_fn) switches our own equivalent, ops.mamba1_inner: everything
+        # between in_proj and out_proj as one function. It reads the conv1d / x_proj / dt_proj weights directly,
+        # which tensor parallelism (swaps those submodules) and ZeRO-3 (gathers a weight only around its own
+        # module's forward) cannot see: both set use_inner_fn = False and get the op-by-op path.
+        self.use_inner_fn = bool(use_fast_path)
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self.conv1d = CausalConv1d(self.d_inner, d_conv, bias=conv_bias, activation="silu", backend=backend,
