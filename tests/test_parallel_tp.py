@@ -41,6 +41,8 @@ def _tp_worker(rank, world, kinds):
         for tp, sp in CASES:
             dims = ParallelDims(tp=tp, sequence_parallel=sp, world_size=world).build()
             model = apply_tp(copy.deepcopy(base), dims)
+            # the fused Mamba-1 inner function reads submodule weights directly: TP shards take the op-by-op path
+            assert not any(getattr(m, "use_inner_fn", False) for m in model.modules())
             logits = model(ids, seq_idx=seq_idx)
             assert logits.shape[-1] == ref_logits.shape[-1] // tp  # vocab-sharded
             full_logits = gather_tp_tensor(logits.detach().clone(), dims)

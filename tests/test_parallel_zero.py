@@ -116,6 +116,8 @@ def _zero_worker(rank, world, tp, kind, ckpt_dir, extras):
             engine = _engine(base, dims, stage, clip, ac_fraction=0.5 if stage == 3 else 0.0)
             if stage == 3:  # really partitioned: outside a module's forward its weights are empty placeholders
                 assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in engine.module.parameters())
+                # ... so the fused Mamba-1 inner function, which reads submodule weights directly, is off
+                assert not any(getattr(m, "use_inner_fn", False) for m in engine.module.modules())
             losses, norms = _train(engine, base, dims, STEPS)
             out[(stage, clip)] = {"loss": _max_rel(losses, ref_losses), "norm": _max_rel(norms, ref_norms),
                                   "losses": losses}

@@ -42,8 +42,11 @@ class Mamba(nn.Module):
         self.layer_idx = layer_idx
         self.backend = backend
         self.activation = "silu"
-        # use_fast_path (mamba_inner_fn) is accepted for config compatibility only: that kernel reads the
-        # submodules' weights itself, which tensor parallelism and ZeRO-3 cannot see
+        # use_fast_path (mamba_ssm: mamba_inner_fn) switches our own equivalent, ops.mamba1_inner: everything
+        # between in_proj and out_proj as one function. It reads the conv1d / x_proj / dt_proj weights directly,
+        # which tensor parallelism (swaps those submodules) and ZeRO-3 (gathers a weight only around its own
+        # module's forward) cannot see: both set use_inner_fn = False and get the op-by-op path.
+        self.use_inner_fn = bool(use_fast_path)
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
         self.conv1d = CausalConv1d(self.d_inner, d_conv, bias=conv_bias, activation="silu", backend=backend,
@@ -76,12 +79,16 @@ class Mamba(nn.Module):
         """hidden_states (B, L, d_model), seq_idx (B, L) int32 or None -> (B, L, d_model)."""
         ops = kernels(self.backend)
         xz = self.in_proj(hidden_states)
+        A = -torch.exp(self.A_log.float())
+        if self.use_inner_fn and self.d_inner % 8 == 0 and 2 <= self.d_conv <= 4:  # the fused kernels' limits
+            y = ops.mamba1_inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                 self.dt_proj.bias, A, self.D.float(), seq_idx)
+            return self.out_proj(y)
         x, z = torch.split(xz, [self.d_inner, self.d_inner], dim=-1)
         x = self.conv1d(x.transpose(1, 2), seq_idx)  # (B, d_inner, L), SiLU applied
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2 d_state)
         dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(dt_low)  # (B, L, d_inner), bias included
-        A = -torch.exp(self.A_log.float())
         y = ops.selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                                z.transpose(1, 2), None, True, seq_idx)
         return self.out_proj(y.transpose(1, 2))

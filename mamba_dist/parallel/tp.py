@@ -145,6 +145,7 @@ def _tp_mamba1(m: nn.Module, group, sp: bool) -> None:
     _shard_param_(m, "D", 0, (d_inner,), r, tp)
     m.out_proj = _row(m.out_proj, group, reduce="scatter_seq" if sp else "all")
     m.d_inner = d_inner // tp
+    m.use_inner_fn = False  # ops.mamba1_inner would read the swapped submodules' weights and skip their reduces
 
 
 def _tp_mamba2(m: nn.Module, group, sp: bool) -> None:

@@ -179,6 +179,10 @@ def build_deepspeed_engine(model: torch.nn.Module, optim_cfg: Any, dims, *, zero
     # DeepSpeed asserts LOCAL_RANK is set; a single process without a launcher (ZeRO on one GPU) has none.
     if dist.get_world_size() == 1:
         os.environ.setdefault("LOCAL_RANK", "0")
+    if zero_stage == 3:  # ZeRO-3 gathers a weight only around its own module's forward: no ops.mamba1_inner
+        for m in model.modules():
+            if hasattr(m, "use_inner_fn"):
+                m.use_inner_fn = False
     optimizer = optim_cfg if isinstance(optim_cfg, torch.optim.Optimizer) else _adamw_from_cfg(model, optim_cfg)
     config = deepspeed_config(zero_stage=zero_stage, precision=precision, grad_clip=grad_clip,
                               micro_batch_size=micro_batch_size, grad_accum=grad_accum, model=model,

@@ -187,3 +187,6 @@ def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Option
 
 
 __all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "rms_norm_gated", "add_norm"]
+
+
+from .fused_mamba1 import mamba1_inner  # noqa: E402  (the Mamba-1 mixer as one autograd function)

@@ -494,3 +494,6 @@ def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Option
     else:
         out = F.layer_norm(rf, rf.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
     return out.to(weight.dtype), residual_out
+
+
+from .reference_mamba1 import mamba1_inner  # noqa: E402  (twin of ops/fused_mamba1.py)
