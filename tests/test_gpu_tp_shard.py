@@ -95,6 +95,19 @@ def _process_group_backend() -> str:
     return "nccl" if torch.cuda.device_count() >= WORLD else "gloo"
 
 
+def _loopback_for_gloo() -> None:
+    """All ranks are on this host: let gloo bind the loopback interface instead of whatever the host name
+    resolves to (in a sandbox that may be an address it cannot connect to). Inherited by the spawned ranks."""
+    import socket
+
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return
+    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in names:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
 # ------------------------------------------------------------------------------------------------ in the ranks
 
 
@@ -250,6 +263,8 @@ def _report(test: str, errors: dict, bound: float) -> None:
 
 def _spawn(worker, mixers):
     backend = _process_group_backend()
+    if backend == "gloo":
+        _loopback_for_gloo()
     per_rank = run_ranks(worker, WORLD, mixers, timeout=TIMEOUT, backend=backend)
     print(f"INFO | {WORLD} ranks, process group {backend}, devices {[r['device'] for r in per_rank]} "
           f"({per_rank[0]['gpus']} GPU(s) visible)")
