@@ -62,7 +62,7 @@ except Exception as e:  # the ZeRO tests skip
 PY
 
 case $what in
-  tp) k="equals_tp1" ;;
+  tp) k="equals_tp1 or matches_reference" ;;
   zero) k="zero2" ;;
   all) k="" ;;
   *) echo "unknown part: $what (tp, zero, all, stage-zero)" >&2; exit 2 ;;
