@@ -35,6 +35,10 @@ if [[ $what == stage-zero ]]; then
   grep -qx '/.kernels/' "$exclude" 2>/dev/null || echo '/.kernels/' >> "$exclude"
   tar -C "$tmp" -cf - . | xz -9e -T2 > .kernels/zero-deps.tar.xz
   du -b .kernels/zero-deps.tar.xz; du -sh .kernels
+  # what a call carrying .kernels sends: the tracked and untracked-not-ignored files plus .kernels (limit 64 MiB)
+  total=$( { git ls-files -z --cached --others --exclude-standard; find .kernels -type f -print0; } \
+           | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {printf "%.1f", s / 1048576}')
+  echo "working tree + .kernels: ${total} MiB of 64 MiB"
   exit 0
 fi
 
