@@ -1,7 +1,8 @@
 """Spawn helpers for multi-process CPU/gloo tests.
 
 `run_ranks(fn, world_size, *args)` starts `world_size` processes (spawn start method), each with the usual
-launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and an initialized gloo process group, runs
+launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and an initialized gloo process group
+(`backend="nccl"`: NCCL, one GPU per rank, cuda:<rank> made the current device first), runs
 `fn(rank, world_size, *args)` and returns the list of return values in rank order. An exception on any rank fails
 the caller with that rank's traceback; a hang fails after `timeout` seconds instead of blocking the suite.
 `fn` must be a module-level function (it is pickled by reference) and should return plain Python values: a
@@ -25,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, results, args):
+def _entry(fn, rank, world_size, port, results, args, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     import torch
@@ -33,7 +34,9 @@ def _entry(fn, rank, world_size, port, results, args):
 
     torch.set_num_threads(1)  # ranks share 2 cores
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         dist.barrier()
         results.put((rank, "ok", out))
@@ -44,11 +47,11 @@ def _entry(fn, rank, world_size, port, results, args):
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0) -> list:
+def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0, backend: str = "gloo") -> list:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
