@@ -156,8 +156,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         prepare(str(tmp_path / "nope.jsonl"), tmp_path / "o", "byte", 8, progress=False)
     with pytest.raises(InputError, match="matches no"):
         prepare(str(tmp_path / "*.jsonl"), tmp_path / "o", "byte", 8, progress=False)
-    (tmp_path / "x.parquet").write_text("")
+    (tmp_path / "x.csv").write_text("")
     with pytest.raises(InputError, match="unsupported file type"):
+        prepare(str(tmp_path / "x.csv"), tmp_path / "o", "byte", 8, progress=False)
+    (tmp_path / "x.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match="x.parquet: not a readable parquet file"):
         prepare(str(tmp_path / "x.parquet"), tmp_path / "o", "byte", 8, progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"content": "no text field"}\n')
@@ -196,7 +199,7 @@ def test_cli(tmp_path, capsys):
     assert main([str(src), "--out", str(tmp_path / "o"), "--tokenizer", "byte", "--seq-len", "32",
                  "--text-field", "t", "--workers", "0", "--quiet"]) == 0
     assert "prepared" in capsys.readouterr().out
-    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "p"), "--tokenizer", "byte", "-q"]) == 1
+    assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "p"), "--tokenizer", "byte", "-q"]) == 2
     assert capsys.readouterr().err.strip() == f"mamba-dist prepare: error: input {tmp_path / 'missing'} does not exist"
 
 

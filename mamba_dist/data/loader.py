@@ -1,11 +1,12 @@
 """Deterministic, resumable, rank-split loader over the shards written by `mamba_dist.data.prepare`.
 
-Order. For epoch e the split's rows (n of them, over all shards) are permuted with
-`numpy.random.default_rng([seed, e]).permutation(n)` (identity when shuffle=False). Global step j takes the
-block perm[j*G : (j+1)*G], G = dp_size * micro_batch_size, and rank r gets its r-th slice of B rows. So the rows of
-a global step do not depend on how G is split into ranks, every rank gets the same number of batches,
-len = n // G, and the last n % G rows of each epoch's permutation are left out (a different remainder every epoch,
-so no row is left out for good). The permutation costs each process 8 bytes per row (10^8 rows: 800 MB).
+Order. For epoch e the split's rows (n of them, over all shards) are permuted with the keyed permutation
+`order.epoch_permutation(n, seed, e)` (identity when shuffle=False), which is evaluated only at the positions a
+batch needs: memory does not grow with the number of rows. Global step j takes the rows at positions
+[j*G, (j+1)*G) of perm_e, G = dp_size * micro_batch_size, and rank r gets its r-th slice of B rows. So the rows
+of a global step do not depend on how G is split into ranks, every rank gets the same number of batches,
+len = n // G, and the rows at the last n % G positions of each epoch's permutation are left out (different rows
+every epoch, so no row is left out for good).
 
 Batches. {"input_ids" (B,L) long, "labels" (B,L) long, "seq_idx" (B,L) int32}: labels are input_ids shifted by
 one (rows hold L+1 tokens); seq_idx is 0 at the start of every row and goes up by one at each document start
@@ -44,10 +45,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .cache import sha256_file
+from .order import epoch_permutation
+from .remote import fetch_shard, is_url, join, read_url
 from .prepare import FORMAT, FORMAT_VERSION, MANIFEST, MEMBERS
 from .tokenizer import Tokenizer, check_tokenizer
 
 log = logging.getLogger(__name__)
+IGNORE_INDEX = -100  # = parallel.loss.IGNORE_INDEX (not imported: megatron-core is slow to import)
 
 
 class ManifestError(FileNotFoundError):
@@ -59,33 +63,46 @@ class ShardError(RuntimeError):
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not path.exists():
-        hint = "" if Path(data_dir).exists() else " (the directory does not exist)"
-        raise ManifestError(f"no {MANIFEST} in {data_dir}{hint}: prepare the data first, e.g. "
-                            f"`mamba-dist prepare builtin --out {data_dir}`")
+    """The manifest of a prepared directory, local or behind a URL (see remote.py)."""
+    if is_url(data_dir):
+        path = join(data_dir, MANIFEST)
+        try:
+            text = read_url(str(path)).decode("utf-8")
+        except Exception as e:
+            raise ManifestError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+    else:
+        path = Path(data_dir) / MANIFEST
+        if not path.exists():
+            hint = "" if Path(data_dir).exists() else " (the directory does not exist)"
+            raise ManifestError(f"no {MANIFEST} in {data_dir}{hint}: prepare the data first, e.g. "
+                                f"`mamba-dist prepare builtin --out {data_dir}`")
+        text = path.read_text()
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(text)
     except ValueError as e:
         raise ManifestError(f"{path} is not valid JSON ({e})") from None
     if m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
         raise ManifestError(f"{path}: format {m.get('format')!r} v{m.get('version')} is not "
                             f"{FORMAT!r} v{FORMAT_VERSION}; re-run prepare")
+    if m.get("part") is not None:
+        raise ManifestError(f"{path} is part {m['part']['index']}/{m['part']['count']} of a partitioned prepare; "
+                            f"join the parts with `mamba-dist prepare merge PART_DIRS... --out DIR` first")
     return m
 
 
 @dataclass
 class _Shard:
-    path: str  # relative to the data dir, as in the manifest
+    path: str  # as in the manifest: relative to the data root, absolute, or a URL
     rows: int
     members: int
     bytes: int
     sha256: str
+    doc_base: int = 0  # added to first_doc (merged manifests: documents of the parts before this shard's)
 
 
-def _check_shard(root: Path, s: _Shard, full: bool) -> str | None:
-    """None if fine, else why not."""
-    p = root / s.path
+def _check_shard(where: str | Path, s: _Shard, full: bool) -> str | None:
+    """None if fine, else why not (a local file)."""
+    p = Path(where)
     if not p.is_file():
         return "missing"
     size = p.stat().st_size
@@ -99,21 +116,52 @@ def _check_shard(root: Path, s: _Shard, full: bool) -> str | None:
 
 
 class _Reader:
-    """Random access to rows of a split's shards: tar index per shard, LRU of decoded members (per process)."""
+    """Random access to rows of a split's shards: tar index per shard, LRU of decoded members (per process).
 
-    def __init__(self, root: Path, shards: list[_Shard], rows_per_member: int, seq_len: int, cache_bytes: int):
+    Shards are located under `root` (a directory or URL). Remote shards are fetched and verified when first
+    opened (remote.fetch_shard); local ones are verified then too when `verify_on_open` (verify="open")."""
+
+    def __init__(self, root, shards: list[_Shard], rows_per_member: int, seq_len: int, cache_bytes: int,
+                 members: tuple[str, ...] = MEMBERS, verify_on_open: bool = False, shard_cache=None,
+                 shard_cache_bytes: int = 0):
         self.root, self.shards, self.m, self.L = root, shards, rows_per_member, seq_len
+        self.names = members
         self.first_row = np.concatenate([[0], np.cumsum([s.rows for s in shards])]).astype(np.int64)
         self.cache_bytes = cache_bytes
+        self.verify_on_open, self.shard_cache, self.shard_cache_bytes = verify_on_open, shard_cache, shard_cache_bytes
         self._cache: OrderedDict = OrderedDict()
         self._cached = 0
-        self._index: dict[int, dict] = {}
+        self._index: dict[int, np.ndarray] = {}  # shard -> (members, names, 2) [offset, size]: compact per shard
+        self._local: dict[int, Path] = {}
         self._fds: OrderedDict = OrderedDict()
         self._pid = os.getpid()
+        self._zstd = None
 
     @property
     def n_rows(self) -> int:
         return int(self.first_row[-1])
+
+    def where(self, si: int):
+        return join(self.root, self.shards[si].path)
+
+    def local_path(self, si: int) -> Path:
+        """The shard's local file, fetched and verified (remote), or verified (verify="open"), on first use."""
+        p = self._local.get(si)
+        if p is None:
+            s, where = self.shards[si], self.where(si)
+            if is_url(where):
+                try:
+                    p = fetch_shard(str(where), s.bytes, s.sha256, self.shard_cache, self.shard_cache_bytes)
+                except (OSError, ValueError) as e:
+                    raise ShardError(f"corrupt shard {where}: {e}") from None
+            else:
+                p = Path(where)
+                if self.verify_on_open:
+                    why = _check_shard(p, s, full=True)
+                    if why:
+                        raise ShardError(f"corrupt shard {where}: {why}")
+            self._local[si] = p
+        return p
 
     def _fd(self, si: int) -> int:
         if self._pid != os.getpid():  # forked into a DataLoader worker: own descriptors
@@ -121,30 +169,35 @@ class _Reader:
             self._pid = os.getpid()
         fd = self._fds.pop(si, None)
         if fd is None:
-            fd = os.open(self.root / self.shards[si].path, os.O_RDONLY)
+            fd = os.open(self.local_path(si), os.O_RDONLY)
             if len(self._fds) >= 64:
                 os.close(self._fds.popitem(last=False)[1])
         self._fds[si] = fd
         return fd
 
-    def _members_of(self, si: int) -> dict:
+    def _members_of(self, si: int) -> np.ndarray:
         idx = self._index.get(si)
         if idx is None:
             s = self.shards[si]
-            idx = {}
+            col = {f"{n}.npy.zst": i for i, n in enumerate(self.names)}
+            idx = np.full((s.members, len(self.names), 2), -1, np.int64)
+            where = self.where(si)
             try:
-                with tarfile.open(self.root / s.path, "r:") as tf:
+                with tarfile.open(self.local_path(si), "r:") as tf:
                     for ti in tf:
                         key, _, name = ti.name.partition(".")
                         if ti.offset_data + ti.size > s.bytes:
                             raise tarfile.ReadError(f"member {ti.name} runs past the end of the file")
-                        idx.setdefault(int(key), {})[name] = (ti.offset_data, ti.size)
+                        k, c = int(key), col.get(name)
+                        if c is None or not 0 <= k < s.members or idx[k, c, 0] >= 0:
+                            raise ValueError(f"unexpected member {ti.name}")
+                        idx[k, c] = ti.offset_data, ti.size
             except (tarfile.TarError, ValueError, OSError, EOFError) as e:
-                raise ShardError(f"corrupt shard {self.root / s.path}: not a readable tar ({e})") from None
-            want = {f"{n}.npy.zst" for n in MEMBERS}
-            if sorted(idx) != list(range(s.members)) or any(set(v) != want for v in idx.values()):
-                raise ShardError(f"corrupt shard {self.root / s.path}: members do not match the manifest "
-                                 f"({len(idx)} samples, expected {s.members})")
+                raise ShardError(f"corrupt shard {where}: not a readable tar, or members do not match the "
+                                 f"manifest ({e})") from None
+            if (idx < 0).any():
+                raise ShardError(f"corrupt shard {where}: members do not match the manifest "
+                                 f"({int((idx[:, :, 0] >= 0).all(1).sum())} complete samples, expected {s.members})")
             self._index[si] = idx
         return idx
 
@@ -154,19 +207,20 @@ class _Reader:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        import zstandard
-
         entries = self._members_of(si)[mi]
         fd = self._fd(si)
+        if self._zstd is None:
+            import zstandard
+
+            self._zstd = zstandard.ZstdDecompressor()
         out, nbytes = {}, 0
         try:
-            for name in MEMBERS:
-                off, size = entries[f"{name}.npy.zst"]
-                raw = zstandard.ZstdDecompressor().decompress(os.pread(fd, size, off))
+            for name, (off, size) in zip(self.names, entries.tolist()):
+                raw = self._zstd.decompress(os.pread(fd, size, off))
                 out[name] = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
                 nbytes += out[name].nbytes
         except Exception as e:
-            raise ShardError(f"corrupt shard {self.root / self.shards[si].path}: sample {mi:06d} does not "
+            raise ShardError(f"corrupt shard {self.where(si)}: sample {mi:06d} does not "
                              f"decode ({type(e).__name__}: {e})") from None
         self._cache[key] = out
         self._cached += nbytes
@@ -175,12 +229,14 @@ class _Reader:
             self._cached -= sum(a.nbytes for a in old.values())
         return out
 
-    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Global row ids -> tokens (n, L+1) int64, seq_idx (n, L) int32, first_doc (n,) int64."""
+    def rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Global row ids -> {"tokens" (n, L+1) int64, "seq_idx" (n, L) int32, "first_doc" (n,) int64, and
+        "loss_mask" (n, L+1) bool when the shards carry one}."""
         n, L = len(rows), self.L
         tokens = np.empty((n, L + 1), np.int64)
         marks = np.zeros((n, L), np.int32)
         first_doc = np.empty(n, np.int64)
+        mask = np.empty((n, L + 1), bool) if "loss_mask" in self.names else None
         si = np.searchsorted(self.first_row, rows, "right") - 1
         local = rows - self.first_row[si]
         for i in range(n):
@@ -189,8 +245,26 @@ class _Reader:
             tokens[i] = mem["tokens"][r]
             starts = mem["starts"][mem["row_ptr"][r] + 1: mem["row_ptr"][r + 1]]
             marks[i, starts] = 1
-            first_doc[i] = mem["first_doc"][r]
-        return tokens, np.cumsum(marks, axis=1, dtype=np.int32), first_doc
+            first_doc[i] = mem["first_doc"][r] + self.shards[int(si[i])].doc_base
+            if mask is not None:
+                mask[i] = mem["loss_mask"][r]
+        out = {"tokens": tokens, "seq_idx": np.cumsum(marks, axis=1, dtype=np.int32), "first_doc": first_doc}
+        if mask is not None:
+            out["loss_mask"] = mask
+        return out
+
+
+def make_batch(got: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reader rows -> a training batch. Labels of tokens the loss mask excludes are IGNORE_INDEX (-100), which
+    the loss (parallel/loss.py) leaves out under every parallel layout."""
+    tokens = got["tokens"]
+    labels = np.ascontiguousarray(tokens[:, 1:])
+    batch = {"input_ids": np.ascontiguousarray(tokens[:, :-1]), "labels": labels, "seq_idx": got["seq_idx"]}
+    if "loss_mask" in got:
+        keep = got["loss_mask"][:, 1:]  # the mask of the target token decides whether a position counts
+        labels[~keep] = IGNORE_INDEX
+        batch["loss_mask"] = np.ascontiguousarray(keep)
+    return batch
 
 
 class _BatchDataset(Dataset):
@@ -201,20 +275,20 @@ class _BatchDataset(Dataset):
         self.reader, self.B, self.rank, self.dp = reader, batch, dp_rank, dp_size
         self.seed, self.shuffle, self.return_meta = seed, shuffle, return_meta
         self.n_batches = reader.n_rows // (batch * dp_size)
-        self._plans: OrderedDict = OrderedDict()
+        self._perms: OrderedDict = OrderedDict()
 
-    def plan(self, epoch: int) -> np.ndarray:
-        """(n_batches, B) global row ids of this rank for `epoch`; cached for the last two epochs."""
-        p = self._plans.get(epoch)
-        if p is None:
-            n = self.reader.n_rows
-            perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                    else np.arange(n, dtype=np.int64))
-            p = perm[: self.n_batches * self.dp * self.B].reshape(self.n_batches, self.dp, self.B)[:, self.rank]
-            self._plans[epoch] = p = np.ascontiguousarray(p)
-            if len(self._plans) > 2:
-                self._plans.popitem(last=False)
-        return p
+    def rows_of(self, epoch: int, j: int) -> np.ndarray:
+        """(B,) global row ids of this rank's batch j of `epoch`: positions j*G + rank*B + [0, B) of the epoch's
+        permutation, evaluated for those positions only (nothing per row is held; see order.py)."""
+        pos = j * self.dp * self.B + self.rank * self.B + np.arange(self.B, dtype=np.int64)
+        if not self.shuffle:
+            return pos
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = self._perms[epoch] = epoch_permutation(self.reader.n_rows, self.seed, epoch)
+            if len(self._perms) > 2:
+                self._perms.popitem(last=False)
+        return perm(pos)
 
     def __len__(self) -> int:
         return self.n_batches
@@ -223,10 +297,10 @@ class _BatchDataset(Dataset):
         # numpy, not tensors: a worker's tensors travel as one shared-memory segment + file descriptor each,
         # which costs more than pickling arrays of this size through the pipe.
         epoch, j = index
-        rows = self.plan(epoch)[j]
-        tokens, seq_idx, first_doc = self.reader.rows(rows)
-        batch = {"input_ids": np.ascontiguousarray(tokens[:, :-1]), "labels": np.ascontiguousarray(tokens[:, 1:]),
-                 "seq_idx": seq_idx}
+        rows = self.rows_of(epoch, j)
+        got = self.reader.rows(rows)
+        first_doc = got["first_doc"]
+        batch = make_batch(got)
         if self.return_meta:
             info = get_worker_info()
             batch.update(row_ids=rows.copy(), first_doc=first_doc, worker=np.array(info.id if info else -1),
@@ -262,6 +336,55 @@ def _identity(x):
     return x
 
 
+def open_split(data_dir, split: str, seq_len: int, tokenizer=None, skip_corrupt: bool = False, *,
+               verify: str = "full", root=None, cache_bytes: int = 64 << 20, tokenizer_cache=None,
+               shard_cache=None, shard_cache_bytes: int = 0) -> tuple[dict, _Reader, list[str]]:
+    """Read and check a prepared split: (manifest, row reader, paths of skipped shards).
+
+    Shards are found under `root` (a directory or URL; default: data_dir). verify: "full" (size + sha256 of every
+    shard now), "size" (sizes now), "open" (nothing now; size + sha256 of each shard when it is first read, so
+    start-up does not grow with the corpus). Remote shards are always verified when opened (remote.py)."""
+    if verify not in ("full", "size", "open"):
+        raise ValueError(f"verify must be 'full', 'size' or 'open', got {verify!r}")
+    m = read_manifest(data_dir)
+    if split not in m["splits"]:
+        raise ValueError(f"{data_dir} has no split {split!r} (has {', '.join(m['splits'])})")
+    if seq_len != m["seq_len"]:
+        raise ValueError(f"{data_dir} was prepared with seq_len={m['seq_len']} but seq_len={seq_len} was "
+                         f"asked for; re-run prepare with --seq-len {seq_len}")
+    check_tokenizer(m["tokenizer"], tokenizer, data_dir, cache=tokenizer_cache)
+    base = root if root not in (None, "") else data_dir
+    shards = [_Shard(**{k: s[k] for k in ("path", "rows", "members", "bytes", "sha256")},
+                     doc_base=s.get("doc_base", 0)) for s in m["splits"][split]["shards"]]
+    remote = any(is_url(join(base, s.path)) for s in shards)
+    if remote:
+        if skip_corrupt:
+            raise ValueError(f"data.skip_corrupt needs local shards ({data_dir} has remote ones, which are verified "
+                             f"one by one when opened, so ranks cannot agree on which to skip up front)")
+        verify = "open"
+    if skip_corrupt:
+        verify = "full"  # every rank must drop the same shards, so they must all look at the bytes
+    problems: list = [None] * len(shards)
+    if verify != "open":
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+            problems = list(pool.map(lambda s: _check_shard(join(base, s.path), s, verify == "full"), shards))
+    bad = [(s, why) for s, why in zip(shards, problems) if why]
+    if bad and not skip_corrupt:
+        s, why = bad[0]
+        more = f" (and {len(bad) - 1} more bad shard(s))" if len(bad) > 1 else ""
+        raise ShardError(f"corrupt shard {join(base, s.path)}: {why}{more}")
+    if bad:
+        msg = (f"skipping {len(bad)} bad shard(s) of {data_dir} split {split!r} "
+               f"({sum(s.rows for s, _ in bad)} rows): " + "; ".join(f"{s.path}: {w}" for s, w in bad))
+        warnings.warn(msg)
+        log.warning(msg)
+    shards = [s for s, why in zip(shards, problems) if not why]
+    names = tuple(n.split(".")[0] for n in m.get("members", [f"{x}.npy.zst" for x in MEMBERS]))
+    reader = _Reader(base, shards, m["rows_per_member"], m["seq_len"], cache_bytes, names,
+                     verify_on_open=verify == "open", shard_cache=shard_cache, shard_cache_bytes=shard_cache_bytes)
+    return m, reader, [s.path for s, _ in bad]
+
+
 class PackedLoader:
     """Iterable of batches {"input_ids" (B,L) long, "labels" (B,L) long, "seq_idx" (B,L) int32}.
 
@@ -274,44 +397,19 @@ class PackedLoader:
                  tokenizer: str | Tokenizer | None = None, skip_corrupt: bool = False, *,
                  shuffle: bool | None = None, verify: str = "full", return_meta: bool = False,
                  pin_memory: bool = False, prefetch_factor: int | None = None, cache_bytes: int = 64 << 20,
-                 tokenizer_cache: str | os.PathLike | None = None):
+                 tokenizer_cache: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
+                 shard_cache: str | os.PathLike | None = None, shard_cache_bytes: int = 0):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if verify not in ("full", "size"):
-            raise ValueError(f"verify must be 'full' or 'size', got {verify!r}")
-        self.root = Path(data_dir)
-        self.manifest = m = read_manifest(self.root)
-        if split not in m["splits"]:
-            raise ValueError(f"{self.root} has no split {split!r} (has {', '.join(m['splits'])})")
-        if seq_len != m["seq_len"]:
-            raise ValueError(f"{self.root} was prepared with seq_len={m['seq_len']} but seq_len={seq_len} was "
-                             f"asked for; re-run prepare with --seq-len {seq_len}")
-        check_tokenizer(m["tokenizer"], tokenizer, self.root, cache=tokenizer_cache)
         self.split, self.B, self.dp_rank, self.dp_size = split, micro_batch_size, dp_rank, dp_size
         self.seed = seed
         self.shuffle = (split == "train") if shuffle is None else shuffle
-
-        shards = [_Shard(**{k: s[k] for k in ("path", "rows", "members", "bytes", "sha256")})
-                  for s in m["splits"][split]["shards"]]
-        if skip_corrupt:
-            verify = "full"  # every rank must drop the same shards, so they must all look at the bytes
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
-            problems = list(pool.map(lambda s: _check_shard(self.root, s, verify == "full"), shards))
-        bad = [(s, why) for s, why in zip(shards, problems) if why]
-        self.skipped_shards = [s.path for s, _ in bad]
-        if bad and not skip_corrupt:
-            s, why = bad[0]
-            more = f" (and {len(bad) - 1} more bad shard(s))" if len(bad) > 1 else ""
-            raise ShardError(f"corrupt shard {self.root / s.path}: {why}{more}")
-        if bad:
-            msg = (f"skipping {len(bad)} bad shard(s) of {self.root} split {split!r} "
-                   f"({sum(s.rows for s, _ in bad)} rows): " + "; ".join(f"{s.path}: {w}" for s, w in bad))
-            warnings.warn(msg)
-            log.warning(msg)
-        shards = [s for s, why in zip(shards, problems) if not why]
-        self._reader = _Reader(self.root, shards, m["rows_per_member"], m["seq_len"], cache_bytes)
+        self.root = data_dir if is_url(data_dir) else Path(data_dir)
+        self.manifest, self._reader, self.skipped_shards = open_split(
+            data_dir, split, seq_len, tokenizer, skip_corrupt, verify=verify, root=root, cache_bytes=cache_bytes,
+            tokenizer_cache=tokenizer_cache, shard_cache=shard_cache, shard_cache_bytes=shard_cache_bytes)
         self._dataset = _BatchDataset(self._reader, micro_batch_size, dp_rank, dp_size, seed, self.shuffle,
                                       return_meta)
         if len(self._dataset) == 0:

@@ -122,6 +122,43 @@ class Tokenizer:
         out = np.fromiter(itertools.chain.from_iterable(ids), self.token_dtype, int(lens.sum()))
         return out, lens
 
+    def encode_masked(self, docs: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Tokenize corpus.MaskedDoc's: (tokens with EOS after each document, per-document lengths, loss mask per
+        token: 1 = counts). A prompt is tokenized on its own and put first, all 0; the text's tokens are 0 where
+        its `masked` spans (characters) or token indices say so; EOS counts."""
+        prompts = [d.prompt for d in docs]
+        texts = [d.text for d in docs]
+        need_offsets = any(d.masked and d.masked[0] == "spans" for d in docs)
+        if self._tok is None:
+            p_ids = [np.frombuffer(p.encode("utf-8"), np.uint8) for p in prompts]
+            t_ids = [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
+            offsets = [_byte_char_offsets(t) for t in texts] if need_offsets else None
+        else:
+            p_ids = [np.array(e.ids, np.int64) for e in self._tok.encode_batch(prompts, add_special_tokens=False)] \
+                if any(prompts) else [np.empty(0, np.int64)] * len(docs)
+            enc = self._tok.encode_batch(texts, add_special_tokens=False)
+            t_ids = [np.array(e.ids, np.int64) for e in enc]
+            offsets = [np.array(e.offsets, np.int64).reshape(-1, 2) for e in enc] if need_offsets else None
+        toks, masks, lens = [], [], []
+        for i, d in enumerate(docs):
+            keep = np.ones(len(t_ids[i]), np.uint8)
+            if d.masked:
+                kind, what = d.masked
+                if kind == "tokens":
+                    idx = np.asarray(what, np.int64)
+                    keep[idx[idx < len(keep)]] = 0
+                else:
+                    off = offsets[i]
+                    for a, b in what:  # a token overlapping [a, b) is left out
+                        keep[(off[:, 0] < b) & (off[:, 1] > a)] = 0
+            toks += [p_ids[i], t_ids[i], [self.eos_id]]
+            masks += [np.zeros(len(p_ids[i]), np.uint8), keep, [1]]
+            lens.append(len(p_ids[i]) + len(t_ids[i]) + 1)
+        if not docs:
+            return np.empty(0, self.token_dtype), np.empty(0, np.int64), np.empty(0, np.uint8)
+        return (np.concatenate(toks).astype(self.token_dtype), np.array(lens, np.int64),
+                np.concatenate(masks).astype(np.uint8))
+
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
         if self._tok is None:
@@ -144,6 +181,14 @@ class Tokenizer:
         """What the manifest records."""
         return {"name": self.name, "sha256": self.sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "encode_special_tokens": True}
+
+
+def _byte_char_offsets(text: str) -> np.ndarray:
+    """(n_bytes, 2) character span of each UTF-8 byte of text (the byte tokenizer's "offsets")."""
+    cp = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    width = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+    char = np.repeat(np.arange(len(cp), dtype=np.int64), width)
+    return np.stack([char, char + 1], axis=1)
 
 
 def _load_json_tokenizer(text: str):
