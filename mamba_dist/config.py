@@ -85,7 +85,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # directory written by `mamba-dist prepare` (holds manifest.json)
+    path: str = ""  # directory written by `mamba-dist prepare` (holds manifest.json), or its URL
+    # a weighted mixture instead of path: [{path: DIR, weight: W, name: optional (default: DIR's basename)}, ...]
+    sources: list = field(default_factory=list)
+    root: str = ""  # where the manifests' relative shard paths live (a directory or URL); default: beside manifest
+    verify: str = "full"  # full (sha256 of every shard at start) | size | open (each shard when first read)
     seq_len: int = 2048
     num_workers: int = 2
     tokenizer: Optional[str] = None  # if set, must match the tokenizer the data was prepared with
@@ -394,7 +398,23 @@ def validate_config(cfg: Config) -> None:
         _check(isinstance(i, int) and 0 <= i < m.n_layer, "model.attn_layer_idx", f"{i!r} is not a layer index")
 
     d = cfg.data
-    _check(bool(d.path), "data.path", "required: the directory written by `mamba-dist prepare`")
+    _check(bool(d.path) or bool(d.sources), "data.path",
+           "required: the directory written by `mamba-dist prepare` (or data.sources for a mixture)")
+    names = []
+    for i, src in enumerate(d.sources):
+        where = f"data.sources[{i}]"
+        _check(isinstance(src, dict) and set(src) <= {"path", "weight", "name"} and "path" in src, where,
+               f"expected {{path: DIR, weight: W}}, got {src!r}")
+        _check(isinstance(src["path"], str) and bool(src["path"]), f"{where}.path", f"expected a directory, got "
+                                                                                    f"{src['path']!r}")
+        w = src.get("weight", 1.0)
+        _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0,
+               f"{where}.weight", f"must be a number > 0, got {w!r}")
+        src["weight"] = float(w)
+        names.append(str(src.get("name") or os.path.basename(src["path"].rstrip("/")) or src["path"]))
+        _check(names.count(names[-1]) == 1, f"{where}.name",
+               f"{names[-1]!r} names two sources (set name: to tell them apart)")
+    _choice(d.verify, "data.verify", ("full", "size", "open"))
     _check(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
 

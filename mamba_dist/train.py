@@ -83,23 +83,39 @@ def prepare_config(config_path: Optional[str], overrides: list[str],
 
 def _check_data(cfg: Config, dp_size: int) -> None:
     from mamba_dist.data.loader import ManifestError, read_manifest
+    from mamba_dist.data.mixture import data_sources
 
-    try:
-        manifest = read_manifest(cfg.data.path)
-    except ManifestError as e:
-        raise ConfigError(f"data.path: {e}") from None
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} but {cfg.data.path} was prepared with seq_len="
-                          f"{manifest['seq_len']} (set data.seq_len={manifest['seq_len']} or re-run prepare)")
-    vocab = manifest["tokenizer"].get("vocab_size", 0)
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the data's "
-                          f"tokenizer {manifest['tokenizer'].get('name')!r} ({vocab})")
+    sources = data_sources(cfg.data)
+    mixture = bool(cfg.data.sources)
     need = cfg.train.micro_batch_size * max(1, dp_size)
-    if cfg.train.val_tokens and manifest["splits"].get("val", {}).get("rows", 0) < need:
-        raise ConfigError(f"train.val_tokens: the val split of {cfg.data.path} has "
-                          f"{manifest['splits'].get('val', {}).get('rows', 0)} rows, fewer than one batch ({need}); "
-                          f"set train.val_tokens=0 or prepare with a larger --val-fraction")
+    first, val_ok = None, False
+    for i, src in enumerate(sources):
+        key = f"data.sources[{i}]" if mixture else "data.path"
+        name = f"{key} ({src.name})" if mixture else key
+        try:
+            manifest = read_manifest(src.path)
+        except ManifestError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if manifest["seq_len"] != cfg.data.seq_len:
+            raise ConfigError(f"{name + ': ' if mixture else ''}data.seq_len: {cfg.data.seq_len} but {src.path} was "
+                              f"prepared with seq_len={manifest['seq_len']} (set data.seq_len={manifest['seq_len']} "
+                              f"or re-run prepare)")
+        if first is not None and manifest["tokenizer"]["sha256"] != first[1]["tokenizer"]["sha256"]:
+            raise ConfigError(f"{name}: prepared with tokenizer {manifest['tokenizer']['name']!r}, but "
+                              f"{first[0]} with {first[1]['tokenizer']['name']!r}: all sources must share one")
+        first = first or (name, manifest)
+        vocab = manifest["tokenizer"].get("vocab_size", 0)
+        if vocab > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the "
+                              f"data's tokenizer {manifest['tokenizer'].get('name')!r} ({vocab})")
+        val_rows = manifest["splits"].get("val", {}).get("rows", 0)
+        val_ok |= val_rows >= need
+        if cfg.train.val_tokens and not mixture and val_rows < need:
+            raise ConfigError(f"train.val_tokens: the val split of {src.path} has {val_rows} rows, fewer than one "
+                              f"batch ({need}); set train.val_tokens=0 or prepare with a larger --val-fraction")
+    if cfg.train.val_tokens and not val_ok:
+        raise ConfigError(f"train.val_tokens: no data source has a val split of one batch ({need} rows); set "
+                          f"train.val_tokens=0 or prepare with a larger --val-fraction")
 
 
 def _setup_torch(cfg: Config) -> torch.device:
@@ -514,7 +530,7 @@ def _peak_flops(cfg: Config, device: torch.device) -> Optional[float]:
 def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = None) -> dict:
     """Run training to the end, from scratch or from `resume` = (checkpoint dir, its meta) as checked by
     prepare_config; returns a summary (first/last validation loss, steps, paths)."""
-    from mamba_dist.data import build_loader
+    from mamba_dist.data.mixture import build_train_loader, build_val_loaders
     from mamba_dist.model import MambaLMHeadModel
     from mamba_dist.parallel.ac import selected_layers
     from mamba_dist.parallel.dims import ParallelDims
@@ -542,9 +558,10 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
                          dp_rank=dims.dp_rank, dp_size=dims.dp, seed=cfg.seed, tokenizer=cfg.data.tokenizer,
                          skip_corrupt=cfg.data.skip_corrupt)
-        train_loader = build_loader(cfg.data.path, "train", num_workers=cfg.data.num_workers, **loader_kw)
-        val_loader = build_loader(cfg.data.path, "val", num_workers=0, **loader_kw) if derived.val_batches else None
-        val_start = val_loader.state_dict() if val_loader is not None else None
+        train_loader = build_train_loader(cfg.data, num_workers=cfg.data.num_workers, **loader_kw)
+        # (name, weight, loader, start state) per source; a mixture logs val/<name>/loss and their weighted mean
+        val_loaders = (build_val_loaders(cfg.data, cfg.train.micro_batch_size * dims.dp, **loader_kw)
+                       if derived.val_batches else [])
 
         resume_from, meta = resume or (None, None)
         prog = Progress()
@@ -566,10 +583,13 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                 metrics.event(0, "start", world_size=derived.world_size, params=n_params)
 
         def validate():
-            if val_loader is None:
+            if not val_loaders:
                 return None
-            v = evaluate(model, val_loader, val_start, derived.val_batches, dims, device, amp, fused_ce)
-            metrics.log(prog.step, "val", {"val_loss": v})
+            per = {name: (w, evaluate(model, ld, start, derived.val_batches, dims, device, amp, fused_ce))
+                   for name, w, ld, start in val_loaders}
+            v = sum(w * x for w, x in per.values()) / sum(w for w, _ in per.values())
+            metrics.log(prog.step, "val", {"val_loss": v, **({f"{n}/loss": x for n, (_, x) in per.items()}
+                                                              if cfg.data.sources else {})})
             return v
 
         def save():
@@ -605,6 +625,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             if rank0 and (prog.step % cfg.logging.log_every == 0 or prog.step == derived.total_steps):
                 rec = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": prog.tokens,
                        "tokens_per_s": tok_s, "step_time_s": dt, **memory_gb(device)}
+                if hasattr(train_loader, "source_epochs"):  # a mixture: the epoch each source is in
+                    rec.update({f"{n}/epoch": e for n, e in train_loader.source_epochs().items()})
                 if peak:
                     rec["mfu"] = flops.train() * tok_s / (peak * derived.world_size)
                     rec["hfu"] = flops.hardware(n_recomputed) * tok_s / (peak * derived.world_size)

@@ -258,7 +258,7 @@ def make_batch(got: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Reader rows -> a training batch. Labels of tokens the loss mask excludes are IGNORE_INDEX (-100), which
     the loss (parallel/loss.py) leaves out under every parallel layout."""
     tokens = got["tokens"]
-    labels = np.ascontiguousarray(tokens[:, 1:])
+    labels = tokens[:, 1:].copy()  # a copy: masking must not write into input_ids (a view of the same rows)
     batch = {"input_ids": np.ascontiguousarray(tokens[:, :-1]), "labels": labels, "seq_idx": got["seq_idx"]}
     if "loss_mask" in got:
         keep = got["loss_mask"][:, 1:]  # the mask of the target token decides whether a position counts

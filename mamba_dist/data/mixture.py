@@ -203,3 +203,43 @@ def check_same_data(spec: SourceSpec, m: dict, first: tuple[SourceSpec, dict] | 
     if m["seq_len"] != f["seq_len"]:
         raise ValueError(f"data source {spec.name} ({spec.path}) has seq_len {m['seq_len']}, source {f_spec.name} "
                          f"{f['seq_len']}: all sources must share one seq_len")
+
+
+# ------------------------------------------------------------------------------------------- trainer helpers
+
+def data_sources(data_cfg) -> list[SourceSpec]:
+    """The config's datasets: data.sources when set (it replaces data.path), else data.path with weight 1."""
+    if data_cfg.sources:
+        return [SourceSpec(s.get("name") or source_name(s["path"]), s["path"], float(s.get("weight", 1.0)))
+                for s in data_cfg.sources]
+    return [SourceSpec(source_name(data_cfg.path), data_cfg.path, 1.0)]
+
+
+def build_train_loader(data_cfg, **kw):
+    """PackedLoader for data.path, MixtureLoader for data.sources."""
+    from .loader import build_loader
+
+    common = dict(root=data_cfg.root or None, verify=data_cfg.verify)
+    if data_cfg.sources:
+        return MixtureLoader(data_sources(data_cfg), "train", **common, **kw)
+    return build_loader(data_cfg.path, "train", **common, **kw)
+
+
+def build_val_loaders(data_cfg, min_rows: int, **kw) -> list[tuple[str, float, Any, dict]]:
+    """(name, weight, loader, its start state) per source whose val split holds at least min_rows rows (one batch
+    on every rank); a mixture's sources without enough val rows are left out of validation (logged)."""
+    import logging
+
+    from .loader import build_loader, read_manifest
+
+    out = []
+    for spec in data_sources(data_cfg):
+        rows = read_manifest(spec.path)["splits"].get("val", {}).get("rows", 0)
+        if rows < min_rows:
+            logging.getLogger("mamba_dist.train").warning(
+                "data source %s: its val split has %d rows, fewer than one batch (%d); not validated", spec.name,
+                rows, min_rows)
+            continue
+        ld = build_loader(spec.path, "val", root=data_cfg.root or None, verify=data_cfg.verify, num_workers=0, **kw)
+        out.append((spec.name, spec.weight, ld, ld.state_dict()))
+    return out

@@ -261,6 +261,13 @@ class _SplitWriter:
         if self.writer is not None:
             self.writer.close()
 
+    def abort(self) -> None:
+        """Close the open shard on an error (its directory is removed next), so nothing writes to it later."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+
 
 # ---------------------------------------------------------------------------------------------- tokenizer workers
 
@@ -476,8 +483,9 @@ def _prepare(sources, chunks, mine, out, tok, pool, info, seq_len, val_fraction,
                         yield b
 
         total = sum(sources[i].nbytes for c in mine for i in chunks[c])
-        # leave=False: the bar is erased when prepare ends, so an error message is not preceded by its residue
-        with tqdm(total=total or None, unit="B", unit_scale=True, desc="prepare", disable=not progress,
+        # leave=False: the bar is erased when prepare ends, so an error message is not preceded by its residue;
+        # disable=None: no bar at all when stderr is not a terminal (logs, CI), where erasing cannot work
+        with tqdm(total=total or None, unit="B", unit_scale=True, desc="prepare", disable=None if progress else True,
                   dynamic_ncols=True, leave=False) as bar:
             for nbytes, toks, lens, continues, mask, c in _tokenized(batches(), tok, pool):
                 if c != chunk:  # a new chunk: its stream starts on a row border (see _Packer)
@@ -531,6 +539,8 @@ def _prepare(sources, chunks, mine, out, tok, pool, info, seq_len, val_fraction,
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         _install(stage, out)
     except BaseException:
+        for w in (writers if "writers" in locals() else {}).values():
+            w.abort()
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
@@ -577,8 +587,8 @@ def merge(part_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, ov
     if got != list(range(count)):
         missing = sorted(set(range(count)) - set(got))
         dup = sorted({i for i in got if got.count(i) > 1})
-        raise InputError(f"merge: need parts 0..{count - 1} exactly once; "
-                         + (f"missing {missing}" if missing else f"part(s) {dup} given twice"))
+        raise InputError(f"merge: need parts 0..{count - 1} exactly once; " + "; ".join(
+            ([f"part(s) {dup} given twice"] if dup else []) + ([f"missing {missing}"] if missing else [])))
     parts.sort(key=lambda p: p[1]["part"]["index"])
     _claim_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,14 +23,19 @@ IGNORE_INDEX = -100
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, dims=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean token cross-entropy. `logits` (B, L, V_local): the full padded vocab at tp=1, this rank's vocab shard
-    under TP. Labels equal to `ignore_index` are left out of the mean.
+    under TP. Labels equal to `ignore_index` are left out of the mean: that is how the loader's loss masks
+    (prepare --mask-field / --prompt-field) apply, under every layout (TP, SP, DP, ZeRO: they all call this).
+    The mean is over the micro-batch's counted tokens; a micro-batch with none gives 0.
 
     Under TP the fp32 logits are overwritten in place (megatron's kernel does that to save a logits-sized buffer);
     gather or copy them first if they are needed afterwards.
     """
     valid = labels != ignore_index
     if dims is None or not dims.tp_enabled:
-        return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index)
+        # sum / count rather than reduction="mean": a micro-batch whose labels are all masked gives 0, not nan
+        total = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index,
+                                reduction="sum")
+        return total / valid.sum().clamp(min=1)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     target = torch.where(valid, labels, torch.zeros_like(labels))
