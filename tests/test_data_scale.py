@@ -342,3 +342,30 @@ def test_remote_shards_over_http_equal_local_and_fetch_lazily(served):
     with pytest.raises(ShardError, match=r"corrupt shard http://.*/pydoc/train/shard-000000.tar: sha256"):
         next(iter(ld))
     assert not list((tmp / "cache3").glob("*.tar"))  # nothing unverified is kept
+
+
+def test_loader_memory_does_not_grow_with_rows(tmp_path):
+    """A synthetic manifest of ~50M rows (one real shard listed again and again): building the shuffled loader
+    and reading batches from all over the epoch allocates a few MB, not 8 bytes per row (400 MB)."""
+    import tracemalloc
+
+    src = write_jsonl(tmp_path / "t.jsonl", ["the quick brown fox " * 2000] * 12)
+    m = prepare(str(src), tmp_path / "base", "byte", 8, val_fraction=0.0, workers=0, shard_tokens=1 << 30,
+                progress=False)
+    shard = m["splits"]["train"]["shards"][0]
+    shard["path"] = str((tmp_path / "base" / shard["path"]).resolve())
+    k = 50_000_000 // shard["rows"]
+    m["splits"]["train"].update(shards=[shard] * k, rows=k * shard["rows"])
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "manifest.json").write_text(json.dumps(m))
+    tracemalloc.start()
+    ld = build_loader(tmp_path / "big", "train", 16, 8, dp_rank=1, dp_size=4, seed=1, verify="size",
+                      cache_bytes=1 << 20, return_meta=True)
+    rows = []
+    for pos in (0, len(ld) // 3, len(ld) - 1):
+        ld._seek(0, pos)
+        rows += next(iter(ld))["row_ids"].tolist()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert ld.n_rows > 49_000_000 and max(rows) > ld.n_rows // 2
+    assert peak < 16 << 20, peak / 2**20

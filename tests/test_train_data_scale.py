@@ -44,9 +44,9 @@ def test_partitioned_prepare_trains_bit_identically(tmp_path):
 
 def _sources(root: Path) -> list[dict]:
     out = []
-    for name, (a, b), w in (("web", (0, 45), 0.6), ("code", (45, 70), 0.3), ("math", (70, 72), 0.1)):
+    for name, (a, b), w in (("web", (0, 45), 0.6), ("code", (45, 70), 0.3), ("math", (70, 76), 0.1)):
         src = write_jsonl(root / f"{name}.jsonl", DOCS[a:b])
-        prepare(str(src), root / "www" / name, "byte", SEQ, val_fraction=0.1, workers=0, progress=False,
+        prepare(str(src), root / "www" / name, "byte", SEQ, val_fraction=0.3, workers=0, progress=False,
                 shard_tokens=40_000)
         out.append({"path": str(root / "www" / name), "weight": w})
     return out

@@ -51,6 +51,7 @@ from .prepare import FORMAT, FORMAT_VERSION, MANIFEST, MEMBERS
 from .tokenizer import Tokenizer, check_tokenizer
 
 log = logging.getLogger(__name__)
+ORDER = "feistel-v1"  # the row order's name, saved in loader states (order.py)
 IGNORE_INDEX = -100  # = parallel.loss.IGNORE_INDEX (not imported: megatron-core is slow to import)
 
 
@@ -326,7 +327,8 @@ class _Sampler(Sampler):
 
     def __iter__(self):
         c = self.cursor
-        return iter([(c.epoch, j) for j in range(c.position, c.n_batches)])
+        epoch = c.epoch  # a generator, not a list: a list of the epoch's remaining indices is O(rows) memory
+        return ((epoch, j) for j in range(c.position, c.n_batches))
 
     def __len__(self) -> int:
         return self.cursor.n_batches - self.cursor.position
@@ -465,7 +467,8 @@ class PackedLoader:
             self._seek(self.epoch + 1, 0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+        return {"order": ORDER, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "shuffle": self.shuffle,
                 "n_rows": self.n_rows, "global_batch_rows": self.B * self.dp_size,
                 "rows_consumed": self.position * self.B * self.dp_size, "split": self.split}
 
@@ -474,6 +477,12 @@ class PackedLoader:
             if state[k] != getattr(self, k):
                 raise ValueError(f"loader state does not fit this loader: {k}={state[k]!r} in the state, "
                                  f"{getattr(self, k)!r} here (different data, split or seed)")
+        if self.shuffle and state.get("order") != ORDER:
+            msg = (f"loader state was written with row order {state.get('order', 'numpy-permutation')!r}, this "
+                   f"loader uses {ORDER!r}: the rest of epoch {state['epoch']} is drawn in the new order (rows may "
+                   f"repeat or be missed in this epoch only)")
+            warnings.warn(msg)
+            log.warning(msg)
         g = self.B * self.dp_size
         if state["rows_consumed"] % g:
             raise ValueError(f"loader state consumed {state['rows_consumed']} rows of epoch {state['epoch']}, "
