@@ -1,6 +1,7 @@
 # mamba-dist: the two commands.
 #   make demo   venv + install + prepare the built-in corpus + train the tiny model on CPU (a few minutes)
 #   make test   venv + test dependencies + pytest
+#   make sweep-demo  a 12-run scaling sweep of tiny models on CPU (~10-15 min), then the fit and its plots
 # The venv is .venv (created if missing). torch==2.13.0 is installed FIRST, on its own: the package's
 # dependency range admits it, so nothing installed afterwards pulls a different (multi-GB CUDA) torch.
 
@@ -13,7 +14,9 @@ DEMO_RUN   ?= runs/demo
 DEMO_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test clean-demo
+SWEEP_DEMO ?= runs/sweep-demo
+
+.PHONY: demo test install install-test clean-demo sweep-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +32,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-sweep-demo: $(VENV)/.installed $(DEMO_DATA)/manifest.json
+	$(BIN)/mamba-dist sweep run configs/sweeps/demo.yaml --out $(SWEEP_DEMO)
+
+test: $(VENV)/.installed-test
 
 $(DEMO_DATA)/manifest.json: | $(VENV)/.installed
 	$(BIN)/mamba-dist prepare builtin --out $(DEMO_DATA) --tokenizer byte --seq-len 256 --val-fraction 0.02 --overwrite
@@ -37,6 +43,9 @@ $(DEMO_DATA)/manifest.json: | $(VENV)/.installed
 demo: $(VENV)/.installed $(DEMO_DATA)/manifest.json
 	rm -rf $(DEMO_RUN)
 	$(BIN)/mamba-dist train --config configs/tiny.yaml data.path=$(DEMO_DATA) logging.run_dir=$(DEMO_RUN) $(DEMO_ARGS)
+
+sweep-demo: $(VENV)/.installed $(DEMO_DATA)/manifest.json
+	$(BIN)/mamba-dist sweep run configs/sweeps/demo.yaml --out $(SWEEP_DEMO)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

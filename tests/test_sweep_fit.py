@@ -157,14 +157,14 @@ def test_few_runs_get_wide_interval_warnings(tmp_path):
     fit = F.fit_law(N, D, L, keep=8)
     boot = F.bootstrap(N, D, L, fit, n_boot=40, seed=0)
     iso = F.isoflop_minima(N, D, L, 6 * N * D, 6.0)
-    warnings = F.fit_warnings(fit, boot["ci90"], N, D, iso, boot["n_boot"])
+    warnings = F.fit_warnings(fit, boot["ci90"], N, D, L, iso, boot["n_boot"])
     assert any("only 9 runs" in w for w in warnings)
     assert any("wide 90% interval" in w for w in warnings), warnings
     # a well-determined grid has none of these
     N, D, L = synthetic(law, 6, 6, noise=0.001)
     fit = F.fit_law(N, D, L, keep=8)
     boot = F.bootstrap(N, D, L, fit, n_boot=40, seed=0)
-    warnings = F.fit_warnings(fit, boot["ci90"], N, D, F.isoflop_minima(N, D, L, 6 * N * D, 6.0), 40)
+    warnings = F.fit_warnings(fit, boot["ci90"], N, D, L, F.isoflop_minima(N, D, L, 6 * N * D, 6.0), 40)
     assert not any("wide" in w for w in warnings), warnings
 
 

@@ -316,7 +316,7 @@ def isoflop_minima(N, D, L, C, k: float, *, rel_tol: float = 0.1, min_points: in
 
 
 # ------------------------------------------------------------------------------------------------------ warnings
-def fit_warnings(law: dict, ci: dict, N, D, iso: dict, n_boot: int) -> list[str]:
+def fit_warnings(law: dict, ci: dict, N, D, L, iso: dict, n_boot: int) -> list[str]:
     """What the data does not support, in words."""
     w = []
     n = len(N)
@@ -328,7 +328,11 @@ def fit_warnings(law: dict, ci: dict, N, D, iso: dict, n_boot: int) -> list[str]
                  f"are poorly separated")
     if not law.get("converged", True):
         w.append("L-BFGS did not report convergence for the best start")
-    for p in ("alpha", "beta", "a", "b", "E"):
+    E_unidentified = law["E"] < 1e-3 * float(np.min(L))
+    if E_unidentified:
+        w.append(f"E = {law['E']:.3g}: the fit puts the irreducible loss at ~0, i.e. the runs are far from it and E "
+                 f"is not identified (A, B, alpha, beta absorb it); larger runs would pin it down")
+    for p in ("alpha", "beta", "a", "b") + (() if E_unidentified else ("E",)):
         lo, hi = ci.get(p, [float("nan")] * 2)
         est = law[p]
         if not (math.isfinite(lo) and math.isfinite(hi) and math.isfinite(est)):

@@ -70,7 +70,7 @@ def run_fit(csv_path: str, out_dir: str, *, n_boot: int = 200, seed: int = 0,
     law = F.fit_law(N, D, L, k=k, keep=8)
     boot = F.bootstrap(N, D, L, law, n_boot=n_boot, seed=seed, k=k)
     iso = F.isoflop_minima(N, D, L, C, k, rel_tol=isoflop_tol)
-    warnings = F.fit_warnings(law, boot["ci90"], N, D, iso, boot["n_boot"])
+    warnings = F.fit_warnings(law, boot["ci90"], N, D, L, iso, boot["n_boot"])
     pred = F.predict(law, N, D)
     result = {p: _finite(law[p]) for p in F.PARAMS}
     result.update(
@@ -172,13 +172,15 @@ def _save(fig, path: str) -> None:
 
 
 def _log_axes(ax, x=True, y=False) -> None:
-    """Log scale with labels on the decades only (matplotlib's minor labels overlap on a short range)."""
-    from matplotlib.ticker import NullFormatter
+    """Log scale, labelled at 1, 2 and 5 x each power of ten (matplotlib's default labels every minor tick on a
+    range under a decade, and they overlap)."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator
 
     for on, axis, setter in ((x, ax.xaxis, ax.set_xscale), (y, ax.yaxis, ax.set_yscale)):
         if on:
             setter("log")
-            axis.set_minor_formatter(NullFormatter())
+            axis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+            axis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False))
 
 
 def make_plots(d: dict, law: dict, boot: dict, iso: dict, plot_dir: str) -> dict:
