@@ -32,10 +32,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-sweep-demo: $(VENV)/.installed $(DEMO_DATA)/manifest.json
-	$(BIN)/mamba-dist sweep run configs/sweeps/demo.yaml --out $(SWEEP_DEMO)
-
-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test
 
 $(DEMO_DATA)/manifest.json: | $(VENV)/.installed
 	$(BIN)/mamba-dist prepare builtin --out $(DEMO_DATA) --tokenizer byte --seq-len 256 --val-fraction 0.02 --overwrite
