@@ -59,19 +59,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _batches(n: int, rows: int, seqlen: int, vocab: int, docs: int, device, seed: int = 0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (rows, seqlen + 1), generator=g)
-        cuts = torch.sort(torch.randint(1, seqlen, (rows, docs - 1), generator=g), dim=1).values
-        seq_idx = (torch.arange(seqlen)[None, None, :] >= cuts[:, :, None]).sum(1).to(torch.int32)
-        out.append((ids[:, :-1].to(device), ids[:, 1:].to(device), seq_idx.to(device)))
-    return out
-
-
 def run_row(args, config: str, mode: str) -> dict:
     """One (config, mode): build exactly what the trainer builds, time `steps` steps after `warmup`."""
     import torch
@@ -81,6 +68,7 @@ def run_row(args, config: str, mode: str) -> dict:
     from mamba_dist.config import load_config, validate_runtime
     from mamba_dist.metrics import memory_gb
     from mamba_dist.model import MambaLMHeadModel
+    from mamba_dist.model.packing import random_packed_batches
     from mamba_dist.model.flops import flops_per_token, peak_flops_for
     from mamba_dist.parallel.dims import ParallelDims
 
@@ -109,7 +97,7 @@ def run_row(args, config: str, mode: str) -> dict:
         training = T.build_training(model, cfg, derived, dims, device)
         fused_ce = T.use_fused_ce(cfg, dims, device)
         amp = cfg.precision.dtype == "bf16"
-        batches = _batches(4 * derived.grad_accum, cfg.train.micro_batch_size, cfg.data.seq_len,
+        batches = random_packed_batches(4 * derived.grad_accum, cfg.train.micro_batch_size, cfg.data.seq_len,
                            cfg.model.vocab_size, args.docs_per_row, device)
         cuda = device.type == "cuda"
 

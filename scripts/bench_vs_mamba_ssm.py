@@ -32,6 +32,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from mamba_dist.model.packing import random_packed_batches  # noqa: E402
+
 SIZES = {  # name -> config
     "m1-130m": "configs/mamba-130m.yaml", "m2-130m": "configs/mamba2-130m.yaml",
     "m1-370m": "configs/mamba-370m.yaml", "m2-370m": "configs/mamba2-370m.yaml",
@@ -71,20 +73,6 @@ def measure_matmul_peak(n: int = 8192, reps: int = 30) -> float:
         torch.cuda.synchronize()
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
     return best
-
-
-def random_batches(n: int, rows: int, seqlen: int, vocab: int, docs: int, seed: int = 0):
-    """n (input_ids, labels, seq_idx) on the GPU: random tokens, `docs` documents per row at random cuts."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (rows, seqlen + 1), generator=g)
-        cuts = torch.sort(torch.randint(1, seqlen, (rows, docs - 1), generator=g), dim=1).values
-        seq_idx = (torch.arange(seqlen)[None, None, :] >= cuts[:, :, None]).sum(1).to(torch.int32)
-        out.append((ids[:, :-1].cuda(), ids[:, 1:].cuda(), seq_idx.cuda()))
-    return out
 
 
 def _time(step, n_warmup: int, n_steps: int) -> tuple[list, float]:
@@ -128,7 +116,7 @@ def run_anchor(cfg, args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay, fused=True)
-    batches = random_batches(4, args.batch, args.seqlen, cfg.model.vocab_size, 1)
+    batches = random_packed_batches(4, args.batch, args.seqlen, cfg.model.vocab_size, 1, "cuda")
 
     def step(i):
         ids, labels, _ = batches[i % len(batches)]
@@ -165,7 +153,8 @@ def run_ours(cfg, derived, args) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         training = T.build_training(model, cfg, derived, dims, device)
         fused_ce = T.use_fused_ce(cfg, dims, device)
-        batches = random_batches(4, args.batch, args.seqlen, cfg.model.vocab_size, args.docs_per_row)
+        batches = random_packed_batches(4, args.batch, args.seqlen, cfg.model.vocab_size, args.docs_per_row,
+                                        "cuda")
         training.model.train()
         times, warm = _time(lambda i: T.train_step(training, [batches[i % len(batches)]], dims, True, fused_ce),
                             args.warmup, args.steps)

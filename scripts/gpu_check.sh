@@ -30,18 +30,7 @@ if [[ $what == tests || $what == all ]]; then
   rc=$?
   grep -oE '(ERR|BF16) [|].*' "$out/pytest.log" > "$out/errors.txt"
   # the largest error of each test, against its bound
-  python3 - "$out/errors.txt" > "$out/worst.txt" <<'PY'
-import sys
-worst = {}
-for line in open(sys.argv[1]):
-    f = [x.strip() for x in line.split("|")]
-    if f[0] == "ERR":
-        err, bound = float(f[3]), float(f[4])
-        if f[1] not in worst or err / bound > worst[f[1]][0]:
-            worst[f[1]] = (err / bound, f[2], err, bound)
-for test, (r, name, err, bound) in sorted(worst.items()):
-    print(f"{test:<48} {name:<44} {err:.2e} / {bound:.1e} = {r:.3f}")
-PY
+  python3 scripts/gpu_worst.py "$out/errors.txt" 48 > "$out/worst.txt"
   echo "== worst error per test (err / bound) =="; cat "$out/worst.txt"
 fi
 

@@ -79,18 +79,7 @@ TRITON_F32_DEFAULT=ieee timeout "${GPU_TEST_TIMEOUT:-540}" python3 -m pytest -q 
 rc=$?
 grep -oE '(ERR|INFO) [|].*' "$out/pytest.log" > "$out/errors.txt"
 # the largest error of each test, against its bound
-python3 - "$out/errors.txt" > "$out/worst.txt" <<'PY'
-import sys
-worst = {}
-for line in open(sys.argv[1]):
-    f = [x.strip() for x in line.split("|")]
-    if f[0] == "ERR":
-        err, bound = float(f[3]), float(f[4])
-        if f[1] not in worst or err / bound > worst[f[1]][0]:
-            worst[f[1]] = (err / bound, f[2], err, bound)
-for test, (r, name, err, bound) in sorted(worst.items()):
-    print(f"{test:<56} {name:<44} {err:.2e} / {bound:.1e} = {r:.3f}")
-PY
+python3 scripts/gpu_worst.py "$out/errors.txt" 56 > "$out/worst.txt"
 echo "== errors (ERR | test | tensor | err | bound) =="; grep '^ERR' "$out/errors.txt"
 echo "== worst error per test (err / bound) =="; cat "$out/worst.txt"
 exit $rc

@@ -15,3 +15,17 @@ def seq_idx_from_lengths(rows: Sequence[Sequence[int]], device=None) -> torch.Te
     if len({len(r) for r in ids}) > 1:
         raise ValueError(f"seq_idx_from_lengths: rows have different lengths {[len(r) for r in ids]}")
     return torch.stack(ids).to(device)
+
+
+def random_packed_batches(n: int, rows: int, seqlen: int, vocab: int, docs: int, device=None,
+                          seed: int = 0) -> list:
+    """n synthetic (input_ids, labels, seq_idx) batches for benchmarks: random tokens, `docs` documents per row
+    cut at random positions (so every layer resets its state inside the row)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (rows, seqlen + 1), generator=g)
+        cuts = torch.sort(torch.randint(1, seqlen, (rows, docs - 1), generator=g), dim=1).values
+        seq_idx = (torch.arange(seqlen)[None, None, :] >= cuts[:, :, None]).sum(1).to(torch.int32)
+        out.append((ids[:, :-1].to(device), ids[:, 1:].to(device), seq_idx.to(device)))
+    return out
