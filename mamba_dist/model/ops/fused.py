@@ -186,7 +186,19 @@ def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Option
                          residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm)
 
 
-__all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "rms_norm_gated", "add_norm"]
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                           dt_softplus: bool = False) -> Tensor:
+    """mamba_ssm's Triton selective_state_update (one recurrent step, `state` updated in place); shapes as in
+    ops/reference.py. A, dt, dt_bias may be stride-0 expansions over the head dimension (the kernel then computes
+    one decay per head)."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ssu
+
+    return ssu(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+__all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "rms_norm_gated", "add_norm",
+           "selective_state_update"]
 
 
 from .fused_mamba1 import mamba1_inner  # noqa: E402  (the Mamba-1 mixer as one autograd function)
