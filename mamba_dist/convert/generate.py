@@ -104,6 +104,7 @@ def load_model(path: str, device: str = "cpu", backend: str = "auto", tokenizer:
         config = ck.model_config
         tok = tokenizer_files.resolve_tokenizer(ck, tokenizer)
         tensors = source.iter_full_state(ck, progress=progress)
+    tok = _as_byte_tokenizer(tok)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model = MambaLMHeadModel(config, backend="reference", device="meta")
@@ -118,6 +119,22 @@ def load_model(path: str, device: str = "cpu", backend: str = "auto", tokenizer:
     else:
         model.set_backend(backend)  # fused (mamba_ssm's selective_state_update) when it is usable
     return model.eval(), tok
+
+
+def _as_byte_tokenizer(tok):
+    """An export's tokenizer.json that is our byte tokenizer's JSON -> the byte tokenizer itself (same ids; its
+    decode replaces only the invalid bytes of a sequence, where `tokenizers`' ByteFallback replaces the run)."""
+    if tok is None or tok.path is None:
+        return tok
+    import json
+
+    from mamba_dist.data.tokenizer import fingerprint_json, load_tokenizer
+
+    from .tokenizer_files import byte_tokenizer_json
+
+    if tok.sha256 == fingerprint_json(json.loads(byte_tokenizer_json())):
+        return load_tokenizer("byte")
+    return tok
 
 
 # --------------------------------------------------------------------------------------------- CLI
