@@ -13,7 +13,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from _dist_utils import run_ranks  # noqa: E402
 from mamba_dist.convert import ConvertError, export_hf, export_mamba_ssm, import_model, reshard  # noqa: E402
 from mamba_dist.convert import formats, layout, source, target  # noqa: E402
 from mamba_dist.convert.generate import cache_bytes, filter_logits, generate, load_model  # noqa: E402
@@ -227,36 +226,43 @@ LAYOUT_CONFIGS = [
     dict(d_model=32, n_layer=2, vocab_size=64, d_intermediate=64, ssm_cfg={"layer": "Mamba1", "d_state": 8,
                                                                          "bias": True}),
     dict(d_model=32, n_layer=1, vocab_size=64, d_intermediate=128,
-         ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "d_ssm": 32, "D_has_hdim": True,
+         ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 4, "d_ssm": 32, "D_has_hdim": True,
                   "bias": True}),
     dict(d_model=32, n_layer=1, vocab_size=64, ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8,
-                                                        "ngroups": 2, "conv_bias": False}),
+                                                        "ngroups": 4, "conv_bias": False}),
 ]
 
 
-def _layout_worker(rank, world):
-    from mamba_dist.parallel import ParallelDims, apply_tp
+@pytest.mark.parametrize("rank,tp", [(1, 2), (2, 4)])
+def test_offline_layout_equals_apply_tp(rank, tp):
+    """shard_specs against the real apply_tp of this TP rank (a fake process group: no collective runs while
+    sharding), tensor by tensor: which are sharded, along which dim, in which segments, with which values."""
+    import types
 
-    dims = ParallelDims(tp=world, world_size=world).build()
-    out = []
-    for kw in LAYOUT_CONFIGS:
-        cfg = MambaConfig(**kw)
-        model = apply_tp(MambaLMHeadModel(cfg, backend="reference"), dims)
-        specs = layout.shard_specs(cfg)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        got = {n: ((p.partition_dim, tuple(p.tp_segments)) if getattr(p, "tensor_model_parallel", False) else None)
-               for n, p in params.items()}
-        local = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-        out.append((got, {n: specs[n] for n in got}, local, set(specs) == set(model.state_dict())))
-    return out
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from mamba_dist.parallel.tp import apply_tp
 
-def test_offline_layout_equals_apply_tp():
-    for got, specs, local, same_keys in run_ranks(_layout_worker, 2)[0]:
-        assert same_keys and got == specs
-        for name, spec in specs.items():
-            if spec is not None:
-                assert local[name][spec[0]] * 2 == sum(spec[1])
+    dist.init_process_group("fake", rank=rank, world_size=tp, store=FakeStore())
+    try:
+        dims = types.SimpleNamespace(tp_enabled=True, tp=tp, tp_rank=rank, tp_group=dist.group.WORLD,
+                                     sequence_parallel=False)
+        for kw in LAYOUT_CONFIGS:
+            cfg = MambaConfig(**kw)
+            full = perturbed_model(cfg)
+            ref = {k: v.clone() for k, v in full.state_dict().items()}
+            model = apply_tp(full, dims)
+            specs = layout.shard_specs(cfg)
+            local = model.state_dict()
+            assert set(specs) == set(local) == set(ref)
+            for name, p in model.named_parameters(remove_duplicate=False):
+                got = (p.partition_dim, tuple(p.tp_segments)) if getattr(p, "tensor_model_parallel", False) else None
+                assert got == specs[name], name
+            for name, t in local.items():
+                assert torch.equal(t, layout.shard(ref[name], specs[name], rank, tp)), name
+    finally:
+        dist.destroy_process_group()
 
 
 def test_reshard_weights_roundtrip_is_exact(tmp_path):
