@@ -75,7 +75,8 @@ def prepare_config(config_path: Optional[str], overrides: list[str],
         return cfg, derived, None
     meta = ckpt.read_meta(path)
     ckpt.check_compatible(path, meta, cfg.to_dict())
-    if cfg.parallel.zero_stage > 0 and not meta.get("weights_only") and meta.get("world_size", world_size) != world_size:
+    zero_partitions = cfg.parallel.zero_stage > 0 and not meta.get("weights_only")  # weights only: any layout
+    if zero_partitions and meta.get("world_size", world_size) != world_size:
         raise ckpt.CheckpointError(f"checkpoint {path} holds ZeRO partitions of {meta['world_size']} processes; "
                                    f"this run has {world_size} (resume a ZeRO run with the same number)")
     return cfg, derived, (path, meta)

@@ -95,6 +95,19 @@ def test_export_hf_maps_every_config_field_and_logits_match(tmp_path, mixer):
         {k: v for k, v in cfg.to_dict().items() if k != "ssm_cfg"}
 
 
+def test_export_hf_bf16(tmp_path):
+    cfg = MambaConfig(**M2_FIELDS)
+    ours = perturbed_model(cfg)
+    out = export_hf(make_checkpoint(tmp_path, ours), str(tmp_path / "hf"), dtype="bf16", tokenizer="byte",
+                    progress=False)
+    assert {t.dtype for t in _safetensors(out).values()} == {torch.bfloat16}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    ids = torch.randint(0, 257, (1, 20))
+    with torch.no_grad():
+        assert rel(ours(ids), hf(ids, use_cache=False).logits) < 3e-2  # bf16 weights: 8 mantissa bits
+
+
 def test_hf_refuses_what_it_cannot_represent(tmp_path):
     m2 = {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 16}
     cases = {

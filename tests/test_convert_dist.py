@@ -37,6 +37,7 @@ RUNS = {  # name: uninterrupted(...) arguments
     "mamba2-zero2-tp2xdp2": (2, 2, 4, MAMBA2),
     "mamba1-zero3-tp2xdp2-sp-ac": (3, 2, 4, SP_AC),
     "mamba1-plain-one-process": (0, 1, 1, ()),
+    "mamba1-plain-tp2": (0, 2, 2, ()),  # the trainer's model-tpNN.pt files
 }
 
 

@@ -137,8 +137,9 @@ def export_mamba_ssm(checkpoint: str, out: str, tokenizer: Optional[str] = None,
                 t.contiguous()
         torch.save(state, os.path.join(tmp, "pytorch_model.bin"))
         del state
+        # MambaConfig's fields only: mamba_ssm's from_pretrained calls MambaConfig(**json)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=4)  # MambaConfig's fields only: from_pretrained calls MambaConfig(**json)
+            json.dump(config.to_dict(), f, indent=4)
         if tok is not None:
             tokenizer_files.write_tokenizer(tok, tmp)
     log.info("exported %s (step %s) to %s (mamba_ssm MambaLMHeadModel)", ck.path, ck.meta.get("step"), out)
@@ -163,7 +164,9 @@ def import_model(src: str, out: str, tp: int = 1, overwrite: bool = False, progr
     if formats.is_hf_dir(src):
         config = formats.config_from_hf(formats.read_json(os.path.join(src, "config.json")),
                                         tok.vocab_size if tok else None)
-        tensors = formats.iter_hf_tensors(src)
+        def tensors():
+            return formats.iter_hf_tensors(src)
+
         kind = "Hugging Face"
     elif os.path.isfile(os.path.join(src, "pytorch_model.bin")):
         try:
@@ -171,7 +174,10 @@ def import_model(src: str, out: str, tp: int = 1, overwrite: bool = False, progr
         except (ValueError, TypeError) as e:
             raise ConvertError(f"{src}/config.json is not a mamba_ssm MambaConfig ({e})") from None
         sd = torch.load(os.path.join(src, "pytorch_model.bin"), map_location="cpu", mmap=True, weights_only=True)
-        tensors = iter(sd.items())
+
+        def tensors():
+            return iter(sd.items())
+
         kind = "mamba_ssm"
     else:
         raise ConvertError(f"{src} is neither a Hugging Face directory (config.json with model_type) nor a mamba_ssm "
@@ -182,8 +188,10 @@ def import_model(src: str, out: str, tp: int = 1, overwrite: bool = False, progr
         layout.check_tp(config, tp)
     except ParallelLayoutError as e:
         raise ConvertError(f"--tp {tp}: {e}") from None
-    checked = formats.checked_tensors(config, tqdm(tensors, desc="import", unit="tensor", disable=not progress,
-                                                   leave=False), src)
+    def checked():  # one pass per output TP rank (safe_open / mmap: nothing is read twice into memory for long)
+        return formats.checked_tensors(config, tqdm(tensors(), desc="import", unit="tensor", disable=not progress,
+                                                    leave=False), src)
+
     with _Staged(out, overwrite) as tmp:
         extra = {"tokenizer.json": tok_file} if tok else {}
         target.write_checkpoint(tmp, config, tp, checked, extra_files=extra,
@@ -214,7 +222,7 @@ def reshard(checkpoint: str, out: str, tp: int, keep_optimizer: bool = False, ov
         raise ConvertError(f"--keep-optimizer: {ck.path} holds weights only (an import); there is no optimizer "
                            f"state to keep")
     with _Staged(out, overwrite) as tmp:
-        tensors = source.iter_full_state(ck, progress, desc=f"reshard tp {ck.tp}->{tp}")
+        tensors = source.reader(ck, progress, desc=f"reshard tp {ck.tp}->{tp}")
         if keep_optimizer:
             opt = source.full_optimizer(ck)
             rank0 = os.path.join(ck.path, ckpt.rank_file(0))

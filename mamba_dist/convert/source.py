@@ -137,13 +137,15 @@ def _materialize(t) -> torch.Tensor:
     return t.contiguous() if not torch.is_tensor(t) else t  # DeepSpeed's lazy GatheredTensor -> tensor
 
 
-def iter_full_state(ck: Checkpoint, progress: bool = True, desc: str = "consolidate") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full fp32/saved-dtype tensor) for every tensor of the model, in state-dict order, one at a time."""
+def iter_full_state(ck: Checkpoint, progress: bool = True, desc: str = "consolidate",
+                    ranks: Optional[list] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full fp32/saved-dtype tensor) for every tensor of the model, in state-dict order, one at a time.
+    `ranks`: the per-TP-rank state dicts, when a caller reads the checkpoint several times (`reader`)."""
     from tqdm import tqdm
 
     specs = layout.shard_specs(ck.model_config)
     shapes = layout.full_shapes(ck.model_config)
-    ranks = _rank_states(ck)
+    ranks = _rank_states(ck) if ranks is None else ranks
     tied = ck.model_config.tie_embeddings
     for name in tqdm(list(specs), desc=desc, unit="tensor", disable=not progress, leave=False):
         key = "backbone.embedding.weight" if (tied and name == "lm_head.weight") else name
@@ -154,6 +156,13 @@ def iter_full_state(ck: Checkpoint, progress: bool = True, desc: str = "consolid
             raise ConvertError(f"checkpoint {ck.path}: {name} has shape {tuple(full.shape)}, the model config "
                                f"says {shapes[name]}")
         yield name, full
+
+
+def reader(ck: Checkpoint, progress: bool = True, desc: str = "consolidate"):
+    """A callable giving a fresh `iter_full_state` each time, over per-rank dicts loaded once (memory-mapped
+    files; DeepSpeed's merged ZeRO partitions), for writers that make one pass per output shard."""
+    ranks = _rank_states(ck)
+    return lambda: iter_full_state(ck, progress, desc, ranks)
 
 
 def full_state_dict(ck: Checkpoint, progress: bool = True) -> dict[str, torch.Tensor]:

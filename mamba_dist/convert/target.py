@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 
@@ -36,23 +36,15 @@ def model_config_dict(config: MambaConfig, backend: str = "auto") -> dict:
     return {"mixer": mixer, **d, "ssm_cfg": ssm, "backend": backend}
 
 
-def prepare_out(out: str, overwrite: bool = False) -> None:
-    """OUT is a new (or empty) checkpoint directory; an existing non-empty one is refused unless --overwrite."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConvertError(f"{out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise ConvertError(f"{out} is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-
-
-def write_checkpoint(out: str, config: MambaConfig, tp: int, tensors: Iterable[tuple[str, torch.Tensor]], *,
+def write_checkpoint(out: str, config: MambaConfig, tp: int,
+                     tensors: Union[Callable[[], Iterable[tuple[str, torch.Tensor]]], Iterable], *,
                      step: int = 0, train_config: Optional[dict] = None, optimizer: Optional[FullOptimizer] = None,
                      rank_state_file: Optional[str] = None, tokens: int = 0, skipped: int = 0,
                      extra_meta: Optional[dict] = None, extra_files: Optional[dict] = None) -> str:
-    """Write OUT/step_<step>/ holding `tensors` (full shapes, state-dict order) sharded over `tp` ranks.
-    Returns the step directory."""
+    """Write OUT/step_<step>/ holding `tensors` (full shapes, any order) sharded over `tp` ranks. Returns the step
+    directory. `tensors` is a callable returning a fresh iterator (then one pass per TP rank, so that only one
+    rank's shards, 1/tp of the model, are in memory at a time, beside the memory-mapped source) or an iterable
+    (read once; every rank's shards are built in that pass)."""
     layout.check_tp(config, tp)
     specs = layout.shard_specs(config)
     shapes = layout.full_shapes(config)
@@ -60,27 +52,28 @@ def write_checkpoint(out: str, config: MambaConfig, tp: int, tensors: Iterable[t
     final = os.path.join(out, ckpt.step_dir_name(step))
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    per_rank: list[dict] = [{} for _ in range(tp)]
-    seen = set()
-    for name, full in tensors:
-        if name not in specs:
-            raise ConvertError(f"tensor {name} is not part of the model")
-        if tuple(full.shape) != shapes[name]:
-            raise ConvertError(f"{name} has shape {tuple(full.shape)}, the model config says {shapes[name]}")
-        seen.add(name)
-        if config.tie_embeddings and name == "lm_head.weight":
-            continue  # the embedding, set below
-        for r in range(tp):
-            per_rank[r][name] = layout.shard(full, specs[name], r, tp).clone()
-    missing = sorted(set(specs) - seen - ({"lm_head.weight"} if config.tie_embeddings else set()))
-    if missing:
-        raise ConvertError(f"{len(missing)} tensors of the model are missing (e.g. {missing[0]})")
-    if config.tie_embeddings:  # one tensor under both names, as the model's own state_dict has it
-        for sd in per_rank:
-            sd["lm_head.weight"] = sd["backbone.embedding.weight"]
-    for r, sd in enumerate(per_rank):
-        ckpt.save_file(sd, os.path.join(tmp, f"model-tp{r:02d}.pt" if tp > 1 else "model.pt"))
-    del per_rank
+    passes = [list(range(tp))] if not callable(tensors) else [[r] for r in range(tp)]
+    for ranks in passes:
+        per_rank = {r: {} for r in ranks}
+        seen = set()
+        for name, full in (tensors() if callable(tensors) else tensors):
+            if name not in specs:
+                raise ConvertError(f"tensor {name} is not part of the model")
+            if tuple(full.shape) != shapes[name]:
+                raise ConvertError(f"{name} has shape {tuple(full.shape)}, the model config says {shapes[name]}")
+            seen.add(name)
+            if config.tie_embeddings and name == "lm_head.weight":
+                continue  # the embedding, set below
+            for r in ranks:
+                per_rank[r][name] = layout.shard(full, specs[name], r, tp).clone()
+        missing = sorted(set(specs) - seen - ({"lm_head.weight"} if config.tie_embeddings else set()))
+        if missing:
+            raise ConvertError(f"{len(missing)} tensors of the model are missing (e.g. {missing[0]})")
+        for r, sd in per_rank.items():
+            if config.tie_embeddings:  # one tensor under both names, as the model's own state_dict has it
+                sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+            ckpt.save_file(sd, os.path.join(tmp, f"model-tp{r:02d}.pt" if tp > 1 else "model.pt"))
+        del per_rank
 
     if optimizer is not None:
         for r in range(tp):
@@ -121,4 +114,4 @@ def resharded_train_config(train_config: dict, tp: int) -> dict:
     return cfg
 
 
-__all__ = ["write_checkpoint", "prepare_out", "model_config_dict", "resharded_train_config"]
+__all__ = ["write_checkpoint", "model_config_dict", "resharded_train_config"]
