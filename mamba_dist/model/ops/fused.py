@@ -194,6 +194,13 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     one decay per head)."""
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ssu
 
+    # mamba_ssm 2.3 reads dt_bias's and D's strides whether or not they are given (`*(D.stride(0), ...) if D is not
+    # None else 0` unpacks an int): pass zeros, as stride-0 expansions (so the per-head tie of dt is kept)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if dt_bias is None:
+        dt_bias = zero.expand(dt.shape[1:])
+    if D is None:
+        D = zero.expand(x.shape[1:])
     return ssu(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
 
 
