@@ -113,10 +113,12 @@ class Block(nn.Module):
     def step(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor], conv_state: torch.Tensor,
              ssm_state: torch.Tensor):
         """forward for one token (B, 1, d_model) through the mixer's recurrent step."""
-        hidden_states, residual = self._add_norm(self.norm, hidden_states, residual)
+        hidden_states, residual = self.norm(hidden_states, residual, prenorm=True,
+                                            residual_in_fp32=self.residual_in_fp32)
         hidden_states = self.mixer.step(hidden_states, conv_state, ssm_state)
         if self.mlp is not None:
-            hidden_states, residual = self._add_norm(self.norm2, hidden_states, residual)
+            hidden_states, residual = self.norm2(hidden_states, residual, prenorm=True,
+                                                 residual_in_fp32=self.residual_in_fp32)
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
@@ -183,8 +185,7 @@ class MixerModel(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             hidden_states, residual = layer.step(hidden_states, residual, *cache[i])
-        residual = hidden_states + residual if residual is not None else hidden_states
-        return self.norm_f(residual)
+        return self.norm_f(hidden_states, residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
 
 
 def _check_inputs(input_ids: torch.Tensor, seq_idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
