@@ -302,10 +302,10 @@ GEN_CONFIGS = {
 def test_greedy_recurrent_equals_argmax_of_full_forward(mixer):
     model = perturbed_model(MambaConfig(**GEN_CONFIGS[mixer]), seed=1)
     prompt = [3, 17, 42, 5, 9]
-    got = generate(model, prompt, 24, temperature=0)
+    got = generate(model, prompt, 16, temperature=0)
     seq = list(prompt)
     with torch.no_grad():
-        for _ in range(24):  # the full forward pass re-run on the growing sequence
+        for _ in range(16):  # the full forward pass re-run on the growing sequence
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert got == seq[len(prompt):]
     assert len(set(got)) > 1  # not a degenerate constant
