@@ -241,6 +241,12 @@ def check_compatible(path: str, meta: dict, config: dict) -> None:
     for key in sorted(now):
         if key in MAY_DIFFER or not any(key == f or key.startswith(f + ".") for f in MUST_MATCH):
             continue
+        if key == "model.ssm_cfg" and key in saved:  # the same mixer, however many defaults each spells out
+            from mamba_dist.model.config import resolved_ssm_cfg
+
+            layer = {"layer": now.get("model.mixer", "Mamba1")}
+            if resolved_ssm_cfg({**layer, **saved[key]}) == resolved_ssm_cfg({**layer, **now[key]}):
+                continue
         if key in saved and saved[key] != now[key]:
             raise CheckpointError(f"checkpoint {path} is incompatible: {key} is {saved[key]!r} in the checkpoint, "
                                   f"{now[key]!r} in the config")

@@ -75,7 +75,8 @@ def prepare_config(config_path: Optional[str], overrides: list[str],
         return cfg, derived, None
     meta = ckpt.read_meta(path)
     ckpt.check_compatible(path, meta, cfg.to_dict())
-    if cfg.parallel.zero_stage > 0 and meta.get("world_size", world_size) != world_size:
+    zero_partitions = cfg.parallel.zero_stage > 0 and not meta.get("weights_only")  # weights only: any layout
+    if zero_partitions and meta.get("world_size", world_size) != world_size:
         raise ckpt.CheckpointError(f"checkpoint {path} holds ZeRO partitions of {meta['world_size']} processes; "
                                    f"this run has {world_size} (resume a ZeRO run with the same number)")
     return cfg, derived, (path, meta)
@@ -206,6 +207,12 @@ def _model_files(dims) -> tuple[str, str]:
     if dims.tp > 1:  # each TP rank holds a different shard
         return f"model-tp{dims.tp_rank:02d}.pt", f"optim-tp{dims.tp_rank:02d}.pt"
     return "model.pt", "optim.pt"
+
+
+def load_weights(path: str, model, dims) -> None:
+    """The model weights of a weights-only checkpoint (this TP rank's file), into the not yet wrapped model."""
+    model_file, _ = _model_files(dims)
+    ckpt.load_state_dict_strict(unwrap(model), ckpt.load_file(path, model_file), path)
 
 
 class TorchPath:
@@ -369,10 +376,14 @@ def use_cuda_graphs(cfg: Config, dims, device: torch.device, backend: str) -> bo
     return bool(cfg.train.cuda_graphs) and possible
 
 
-def build_training(model: torch.nn.Module, cfg: Config, derived: Derived, dims, device: torch.device) -> TorchPath:
-    """parallelize -> AdamW -> LR schedule (-> DeepSpeed engine): the path object the step runs on."""
+def build_training(model: torch.nn.Module, cfg: Config, derived: Derived, dims, device: torch.device,
+                   init_weights: Optional[str] = None) -> TorchPath:
+    """parallelize (-> the weights of a weights-only checkpoint `init_weights`) -> AdamW -> LR schedule
+    (-> DeepSpeed engine): the path object the step runs on."""
     backend = getattr(model, "backend", None)
     model = parallelize_model(model, dims, cfg, device)
+    if init_weights is not None:
+        load_weights(init_weights, model, dims)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, derived.total_steps))
     if cfg.parallel.zero_stage > 0:
@@ -550,7 +561,13 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(cfg.model.mamba_config_dict(), cfg.data.seq_len)
         n_recomputed = len(selected_layers(cfg.model.n_layer, cfg.train.ac_fraction))
-        training = build_training(model, cfg, derived, dims, device)
+        init_from = None
+        if resume is not None and resume[1].get("weights_only"):
+            # `mamba-dist convert import|reshard` output: weights for a new run, loaded into the parallelized
+            # model before the optimizer and DeepSpeed see the parameters; optimizer, schedule and data order
+            # start fresh
+            init_from, resume = resume[0], None
+        training = build_training(model, cfg, derived, dims, device, init_weights=init_from)
         model, optimizer = training.model, training.optimizer
         amp = cfg.precision.dtype == "bf16"
         fused_ce = use_fused_ce(cfg, dims, device)
@@ -579,6 +596,10 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             if resume_from:
                 log.info("resumed from %s (step %d, %d tokens)", resume_from, prog.step, prog.tokens)
                 metrics.event(prog.step, "resume", checkpoint=resume_from)
+            elif init_from:
+                log.info("initialised from the weights in %s (no optimizer state: the optimizer, LR schedule and "
+                         "data order start fresh)", init_from)
+                metrics.event(0, "start", world_size=derived.world_size, params=n_params, init_from=init_from)
             else:
                 metrics.event(0, "start", world_size=derived.world_size, params=n_params)
 

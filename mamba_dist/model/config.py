@@ -44,6 +44,11 @@ class MambaConfig:
     def padded_vocab_size(self) -> int:
         return self.vocab_size + (-self.vocab_size % self.pad_vocab_size_multiple)
 
+    def resolved_ssm_cfg(self) -> dict:
+        """ssm_cfg with the mixer's defaults filled in (tuples as lists): two configs that build the same mixer
+        compare equal, however many default-valued keys each spells out."""
+        return resolved_ssm_cfg(self.ssm_cfg)
+
     def to_dict(self) -> dict:
         """The mamba_ssm config.json dict."""
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -56,3 +61,26 @@ class MambaConfig:
         if unknown:
             raise ValueError(f"MambaConfig: unknown field(s) {', '.join(unknown)}")
         return cls(**copy.deepcopy(dict(d)))
+
+
+_NOT_CONFIG = {"self", "d_model", "layer_idx", "backend", "device", "dtype", "process_group", "sequence_parallel"}
+
+
+def resolved_ssm_cfg(ssm_cfg: dict) -> dict:
+    """See MambaConfig.resolved_ssm_cfg."""
+    import inspect
+
+    from .mamba1 import Mamba
+    from .mamba2 import Mamba2
+
+    cfg = dict(ssm_cfg or {})
+    layer = cfg.pop("layer", "Mamba1")
+    cls = Mamba2 if layer == "Mamba2" else Mamba
+    params = inspect.signature(cls.__init__).parameters
+    out = {"layer": layer, **{k: p.default for k, p in params.items() if k not in _NOT_CONFIG
+                              and p.default is not inspect.Parameter.empty}, **cfg}
+
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {k: plain(v) for k, v in out.items()}

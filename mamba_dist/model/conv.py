@@ -27,5 +27,17 @@ class CausalConv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         return kernels(self.backend).causal_conv1d(x, self.weight[:, 0, :], self.bias, seq_idx, self.activation)
 
+    def step(self, x: torch.Tensor, conv_state: torch.Tensor) -> torch.Tensor:
+        """One recurrent step: x (B, C) is the newest input; conv_state (B, C, W) holds the last W inputs and is
+        shifted in place. Returns (B, C), the activation applied; computed in fp32 like the reference kernel."""
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        y = (conv_state.float() * self.weight[:, 0, :].float()).sum(-1)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        if self.activation == "silu":
+            y = torch.nn.functional.silu(y)
+        return y.to(x.dtype)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}, backend={self.backend}"

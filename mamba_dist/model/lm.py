@@ -110,6 +110,18 @@ class Block(nn.Module):
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
+    def step(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor], conv_state: torch.Tensor,
+             ssm_state: torch.Tensor):
+        """forward for one token (B, 1, d_model) through the mixer's recurrent step."""
+        hidden_states, residual = self.norm(hidden_states, residual, prenorm=True,
+                                            residual_in_fp32=self.residual_in_fp32)
+        hidden_states = self.mixer.step(hidden_states, conv_state, ssm_state)
+        if self.mlp is not None:
+            hidden_states, residual = self.norm2(hidden_states, residual, prenorm=True,
+                                                 residual_in_fp32=self.residual_in_fp32)
+            hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02,
                   rescale_prenorm_residual: bool = True, n_residuals_per_layer: int = 1) -> None:
@@ -165,6 +177,14 @@ class MixerModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, residual, seq_idx=seq_idx)
+        return self.norm_f(hidden_states, residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
+
+    def step(self, input_ids: torch.Tensor, cache: dict) -> torch.Tensor:
+        """input_ids (B, 1) -> final hidden states (B, 1, d_model); cache[i] = (conv_state, ssm_state) of layer i."""
+        hidden_states = self.embedding(input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden_states, residual = layer.step(hidden_states, residual, *cache[i])
         return self.norm_f(hidden_states, residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
 
 
@@ -233,6 +253,23 @@ class MambaLMHeadModel(nn.Module):
             raise ValueError(f"labels= (the fused loss) needs the model's own LMHead, not "
                              f"{type(self.lm_head).__name__} (tensor parallelism has its own vocab-parallel loss)")
         return self.lm_head(hidden, labels=labels)
+
+    # ----------------------------------------------------------------------------------- recurrent inference
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, dtype=None) -> dict:
+        """{layer index: (conv_state, ssm_state)}: the whole state of the recurrent step, of a size independent of
+        the sequence length (max_seqlen is accepted for mamba_ssm's signature only)."""
+        return {i: layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
+                for i, layer in enumerate(self.backbone.layers)}
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token per row through the recurrent step: input_ids (B,) or (B, 1) -> logits (B, padded_vocab);
+        the cache (allocate_inference_cache) is updated in place. Constant time and memory per token."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[:, None]
+        if self.backend == "fused" and input_ids.device.type != "cuda":
+            raise RuntimeError(f"model backend 'fused' needs CUDA inputs, got input_ids on {input_ids.device}")
+        return self.lm_head(self.backbone.step(input_ids, cache))[:, 0]
 
     def no_weight_decay(self) -> set:
         """Names of parameters trained without weight decay: A_log, D, dt biases (marked _no_weight_decay),

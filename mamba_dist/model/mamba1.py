@@ -92,3 +92,26 @@ class Mamba(nn.Module):
         y = ops.selective_scan(x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
                                z.transpose(1, 2), None, True, seq_idx)
         return self.out_proj(y.transpose(1, 2))
+
+    # ----------------------------------------------------------------------------------- recurrent inference
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, dtype=None):
+        """(conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, d_state) fp32): all the memory the recurrent
+        step needs, whatever the sequence length (max_seqlen is accepted for mamba_ssm's signature only)."""
+        device = self.A_log.device
+        conv = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device,
+                           dtype=dtype or self.conv1d.weight.dtype)
+        ssm = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return conv, ssm
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token: hidden_states (B, 1, d_model) -> (B, 1, d_model); both states are updated in place."""
+        ops = kernels(self.backend)
+        xz = self.in_proj(hidden_states.squeeze(1))
+        x, z = torch.split(xz, [self.d_inner, self.d_inner], dim=-1)
+        x = self.conv1d.step(x, conv_state)
+        dt_low, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(dt_low)  # bias included, as in forward
+        A = -torch.exp(self.A_log.float())
+        y = ops.selective_state_update(ssm_state, x, dt, A, B, C, self.D.float(), z=z, dt_bias=None,
+                                       dt_softplus=True)
+        return self.out_proj(y).unsqueeze(1)

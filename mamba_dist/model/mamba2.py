@@ -123,3 +123,42 @@ class Mamba2(nn.Module):
         if d_mlp > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
+
+    # ----------------------------------------------------------------------------------- recurrent inference
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, dtype=None):
+        """(conv_state (B, d_ssm + 2 G N, d_conv), ssm_state (B, nheads, headdim, d_state) fp32): all the memory
+        the recurrent step needs, whatever the sequence length (max_seqlen: mamba_ssm's signature only)."""
+        device = self.A_log.device
+        conv = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.d_conv, device=device,
+                           dtype=dtype or self.conv1d.weight.dtype)
+        ssm = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32)
+        return conv, ssm
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token: hidden_states (B, 1, d_model) -> (B, 1, d_model); both states are updated in place.
+        dt is clamped to dt_limit as in forward (mamba_ssm's own step skips that clamp)."""
+        ops = kernels(self.backend)
+        batch = hidden_states.shape[0]
+        d_ssm, G, N, H, P = self.d_ssm, self.ngroups, self.d_state, self.nheads, self.headdim
+        zxbcdt = self.in_proj(hidden_states.squeeze(1))
+        d_mlp = (zxbcdt.shape[-1] - 2 * d_ssm - 2 * G * N - H) // 2
+        z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, d_ssm, d_ssm + 2 * G * N, H], dim=-1)
+        xBC = self.conv1d.step(xBC, conv_state)
+        x, B, C = torch.split(xBC, [d_ssm, G * N, G * N], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit != (0.0, float("inf")):
+            dt = dt.clamp(*self.dt_limit)
+        A = -torch.exp(self.A_log.float())
+        D = self.D.float().view(H, P) if self.D_has_hdim else self.D.float()[:, None].expand(H, P)
+        # per-head dt and A as stride-0 expansions over headdim (mamba_ssm's kernel then computes one decay per head)
+        y = ops.selective_state_update(ssm_state, x.reshape(batch, H, P), dt[:, :, None].expand(batch, H, P),
+                                       A[:, None, None].expand(H, P, N), B.reshape(batch, G, N),
+                                       C.reshape(batch, G, N), D,
+                                       z=None if self.rmsnorm else z.reshape(batch, H, P), dt_bias=None,
+                                       dt_softplus=False)
+        y = y.reshape(batch, d_ssm)
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if d_mlp > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y).unsqueeze(1)

@@ -186,7 +186,26 @@ def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Option
                          residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm)
 
 
-__all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "rms_norm_gated", "add_norm"]
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                           dt_softplus: bool = False) -> Tensor:
+    """mamba_ssm's Triton selective_state_update (one recurrent step, `state` updated in place); shapes as in
+    ops/reference.py. A, dt, dt_bias may be stride-0 expansions over the head dimension (the kernel then computes
+    one decay per head)."""
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ssu
+
+    # mamba_ssm 2.3 reads dt_bias's and D's strides whether or not they are given (`*(D.stride(0), ...) if D is not
+    # None else 0` unpacks an int): pass zeros, as stride-0 expansions (so the per-head tie of dt is kept)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if dt_bias is None:
+        dt_bias = zero.expand(dt.shape[1:])
+    if D is None:
+        D = zero.expand(x.shape[1:])
+    return ssu(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+__all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "rms_norm_gated", "add_norm",
+           "selective_state_update"]
 
 
 from .fused_mamba1 import mamba1_inner  # noqa: E402  (the Mamba-1 mixer as one autograd function)

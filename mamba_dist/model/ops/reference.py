@@ -496,4 +496,44 @@ def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Option
     return out.to(weight.dtype), residual_out
 
 
+# --------------------------------------------------------------------------------------------- recurrent step
+
+
+@_no_autocast
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                           dt_softplus: bool = False) -> Tensor:
+    """One recurrent step of the SSM (mamba_ssm's selective_state_update), updating `state` in place.
+
+    state (B, D, N) or (B, H, P, N); x, dt, z (B, D) or (B, H, P); A (D, N) or (H, P, N); B, C (B, N) or
+    (B, G, N); D (D,) or (H, P); dt_bias (D,) or (H, P). h = exp(dt A) h + dt B x; y = C.h + D x (* silu(z)).
+    -> y like x. Computed in fp32."""
+    heads = state.dim() == 4
+    if not heads:  # one "head" holding every channel
+        state_h, x, dt, A, B, C = state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0), \
+            B.unsqueeze(1), C.unsqueeze(1)
+        D = D.unsqueeze(0) if D is not None else None
+        z = z.unsqueeze(1) if z is not None else None
+        dt_bias = dt_bias.unsqueeze(0) if dt_bias is not None else None
+    else:
+        state_h = state
+    dtype = x.dtype
+    dtf = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    H, G = state_h.shape[1], B.shape[1]
+    Bh = B.float().repeat_interleave(H // G, dim=1)  # head h reads group h // (H / G)
+    Ch = C.float().repeat_interleave(H // G, dim=1)
+    xf = x.float()
+    new = state_h.float() * torch.exp(dtf.unsqueeze(-1) * A.float()) + (dtf * xf).unsqueeze(-1) * Bh.unsqueeze(2)
+    state_h.copy_(new)
+    y = (new * Ch.unsqueeze(2)).sum(-1)
+    if D is not None:
+        y = y + xf * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype)
+    return y if heads else y.squeeze(1)
+
+
 from .reference_mamba1 import mamba1_inner  # noqa: E402  (twin of ops/fused_mamba1.py)
