@@ -23,10 +23,10 @@ SWEEP_DEMO ?= runs/sweep-demo
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The `distributed` extra adds DeepSpeed (ZeRO); megatron-core is a core dependency.
+# The `distributed` extra adds DeepSpeed (ZeRO), `release` transformers (export-hf); megatron-core is a core dependency.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q $(TORCH) -e '.[distributed]'
+	$(BIN)/pip install -q $(TORCH) -e '.[distributed,release]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
