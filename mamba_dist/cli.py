@@ -21,6 +21,7 @@ COMMANDS = {
     "prepare": ("mamba_dist.data.prepare", "tokenize a corpus into packed zstd webdataset shards"),
     "convert": ("mamba_dist.convert", "convert checkpoints to/from mamba_ssm and Hugging Face formats"),
     "sweep": ("mamba_dist.sweep", "run a scaling sweep"),
+    "checkpoint": ("mamba_dist.checkpoint", "verify a checkpoint's files against their checksums (offline)"),
 }
 
 
