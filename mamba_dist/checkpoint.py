@@ -494,8 +494,13 @@ def rank_file(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
+def rank_state(loader_state: Any, extra: Optional[dict] = None) -> dict:
+    """What rankNNNNN.pt holds: this rank's loader position and every RNG state, as of now."""
+    return {"rng": rng_state(), "loader": loader_state, **(extra or {})}
+
+
 def save_rank_state(tmp: str, rank: int, loader_state: Any, extra: Optional[dict] = None) -> None:
-    save_file({"rng": rng_state(), "loader": loader_state, **(extra or {})}, os.path.join(tmp, rank_file(rank)))
+    save_file(rank_state(loader_state, extra), os.path.join(tmp, rank_file(rank)))
 
 
 def load_rank_state(path: str, rank: int) -> dict:

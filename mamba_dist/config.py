@@ -143,6 +143,9 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (0: keep all)
     resume: str = "auto"  # auto (latest complete checkpoint in dir that verifies, if any) | none | <path>
     on_error: str = "stop"  # a failed save (full disk, permissions): stop (exit code 3) | continue (log, go on)
+    # checkpoint.async (a Python keyword, hence the field name): snapshot to (pinned) CPU memory at the step, write
+    # in a background thread while training goes on; at most one save in flight (torch path; ZeRO saves stay sync)
+    async_: bool = False
 
 
 @dataclass
@@ -188,6 +191,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------- parsing + types
+KEYWORD_KEYS = {"async": "async_"}  # config keys that are Python keywords -> their dataclass field names
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -259,6 +263,7 @@ def _apply(obj: Any, values: dict, where: str = "") -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
+        key = KEYWORD_KEYS.get(key, key)
         if key not in names:
             raise ConfigError(f"{path}: unknown key (valid keys{' in ' + where if where else ''}: {', '.join(names)})")
         current = getattr(obj, key)
@@ -300,6 +305,7 @@ def _override_into(cfg: Config, keys: list[str], value: Any) -> None:
         path = ".".join(keys[: i + 1])
         if dataclasses.is_dataclass(obj):
             names = [f.name for f in dataclasses.fields(obj)]
+            k = KEYWORD_KEYS.get(k, k)
             if k not in names:
                 where = ".".join(keys[:i]) or "config"
                 raise ConfigError(f"{path}: unknown key (valid keys in {where}: {', '.join(names)})")

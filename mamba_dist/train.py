@@ -263,14 +263,18 @@ class TorchPath:
         self.scheduler.step()
         return norm, applied
 
-    def save(self, tmp_dir: str) -> None:
-        """Every DP replica holds the same state, so DP rank 0 (of each TP rank) writes it."""
+    def state_files(self) -> dict:
+        """{file name: state} this rank writes. Every DP replica holds the same state, so DP rank 0 (of each TP
+        rank) writes it. (The state references the live tensors: checkpoint.async snapshots it.)"""
         if self.dims.dp_rank != 0:
-            return
+            return {}
         model_file, optim_file = _model_files(self.dims)
-        ckpt.save_file(unwrap(self.model).state_dict(), os.path.join(tmp_dir, model_file))
-        ckpt.save_file({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(tmp_dir, optim_file))
+        return {model_file: unwrap(self.model).state_dict(),
+                optim_file: {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}}
+
+    def save(self, tmp_dir: str) -> None:
+        for name, state in self.state_files().items():
+            ckpt.save_file(state, os.path.join(tmp_dir, name))
 
     def load(self, path: str) -> None:
         model_file, optim_file = _model_files(self.dims)
@@ -289,6 +293,8 @@ DEEPSPEED_TAG = "zero"  # <checkpoint>/zero/: DeepSpeed's own sharded files (zer
 class DeepSpeedPath(TorchPath):
     """parallel.zero_stage 1-3: the DeepSpeed engine (`model`) owns data parallelism, accumulation, clipping,
     the optimizer and the schedule; every rank writes its partition."""
+
+    state_files = None  # DeepSpeed writes its own files (collectively): no async save
 
     def no_sync(self, last: bool):
         return contextlib.nullcontext()  # the engine decides (its no_sync() refuses ZeRO-2/3)
@@ -612,6 +618,13 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
 
         sync = faults.sync_any(dims, device)
         guard = faults.NonFiniteGuard(cfg.train.max_skipped_in_row, faults.resumed_in_row(meta))
+        saver = None
+        if cfg.checkpoint.async_ and training.state_files is None:
+            log.warning("checkpoint.async=true is not supported under DeepSpeed ZeRO; checkpoints are synchronous")
+        elif cfg.checkpoint.async_:
+            from mamba_dist.async_checkpoint import AsyncCheckpointer
+
+            saver = AsyncCheckpointer(ckpt_dir, dims.rank, sync, cfg.checkpoint.keep_last)
 
         def write(tmp):
             training.save(tmp)
@@ -622,14 +635,24 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             faults.check_before_save(training.optimizer, sync, prog.step, ckpt_dir)  # never save NaNs
             meta = {"tokens": prog.tokens, "skipped": prog.skipped, "skipped_in_row": guard.in_row,
                     "world_size": derived.world_size, "config": cfg.to_dict()}
+            if saver is not None:  # snapshot now, write in the background, commit in a later poll()
+                files = {**training.state_files(), ckpt.rank_file(dims.rank): ckpt.rank_state(
+                    train_loader.state_dict())}
+                return finish_save(lambda: saver.start(prog.step, files, meta))
+            finish_save(lambda: ckpt.save_checkpoint(ckpt_dir, prog.step, dims.rank, write, meta, sync,
+                                                     cfg.checkpoint.keep_last))
+
+        def finish_save(commit):
+            """Run a save or an async commit; log its outcome; a failure follows checkpoint.on_error."""
+            step = saver.pending_step if saver is not None and saver.pending_step is not None else prog.step
             try:
-                path = ckpt.save_checkpoint(ckpt_dir, prog.step, dims.rank, write, meta, sync,
-                                            cfg.checkpoint.keep_last)
+                path = commit()
             except ckpt.CheckpointWriteError as e:
-                metrics.event(prog.step, "checkpoint_failed", error=str(e))
+                metrics.event(step, "checkpoint_failed", error=str(e))
                 faults.handle_save_error(e, cfg.checkpoint.on_error)
                 return
-            metrics.event(prog.step, "checkpoint", path=path)
+            if path is not None:
+                metrics.event(step, "checkpoint", path=path)
 
         from tqdm import tqdm
 
@@ -661,6 +684,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                     rec["hfu"] = flops.hardware(n_recomputed) * tok_s / (peak * derived.world_size)
                 metrics.log(prog.step, "train", rec)
             guard.update(prog.step, applied, loss_val, grad_norm.item(), prog.skipped)  # raises RunHalted
+            if saver is not None:
+                finish_save(saver.poll)  # commits the async save in flight once every rank has written it
             ckpt.fault_point(f"after_step_{prog.step}")
             end = prog.step == derived.total_steps
             stop = stop_request.agreed(dims, device)
@@ -675,6 +700,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                 log.warning("stopping at step %d on a termination signal; checkpoint saved, run again to resume",
                             prog.step)
                 break
+        if saver is not None:
+            finish_save(saver.wait)  # the last checkpoint is complete before train() returns
         bar.close()
         summary = {"run_dir": run_dir, "steps": prog.step, "tokens": prog.tokens, "checkpoint_dir": ckpt_dir,
                    "tensorboard": metrics.tb_dir if cfg.logging.tensorboard else None}
