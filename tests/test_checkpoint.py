@@ -263,3 +263,55 @@ def test_verify_command(tmp_path):
         assert bad.stdout.count("ok: ") == (1 if target == str(tmp_path) else 0)  # step_1 is still fine
     empty = subprocess.run(cmd + [str(tmp_path / "nothing")], capture_output=True, text=True)
     assert empty.returncode == 2 and "holds no complete checkpoint" in empty.stderr
+
+
+def test_async_snapshot_and_checkpointer(tmp_path):
+    """The snapshot keeps tied tensors tied and torch.saves to the same bytes; AsyncCheckpointer commits only when
+    the writer is done, keeps at most one save in flight, and its checkpoint verifies like a synchronous one."""
+    import io
+    import threading
+
+    from mamba_dist.async_checkpoint import AsyncCheckpointer, snapshot
+    from mamba_dist.config import load_config
+
+    assert load_config(None, ["checkpoint.async=true", "train.max_steps=1"], validate=False).checkpoint.async_
+    w = torch.randn(4, 3)
+    state = {"a": w.detach(), "tied": w.detach(), "view": w[1:3].detach(), "betas": (0.9, 0.95)}
+    state["again"] = state["betas"]
+    copy = snapshot(state, pin=False)
+    assert copy["a"].data_ptr() == copy["tied"].data_ptr() != w.data_ptr() and torch.equal(copy["view"], w[1:3])
+    live, snap = io.BytesIO(), io.BytesIO()
+    torch.save(state, live)
+    torch.save(copy, snap)
+    assert live.getvalue() == snap.getvalue()  # what a synchronous save of the live state writes
+    w.add_(1.0)  # training goes on: the snapshot does not change
+    assert not torch.equal(copy["a"], w)
+
+    gate = threading.Event()
+    real_save = ckpt.save_file
+
+    def slow_save(obj, path):  # the writer thread blocks until the test lets it go
+        gate.wait(10)
+        return real_save(obj, path)
+
+    saver = AsyncCheckpointer(str(tmp_path), 0, ckpt.local_sync)
+    ckpt.save_file = slow_save
+    try:
+        assert saver.start(2, {"model.pt": {"w": torch.ones(3)}}, {"tokens": 2}) is None
+        assert saver.poll() is None and ckpt.latest_checkpoint(str(tmp_path)) is None  # still writing
+        gate.set()
+        saver.pending["thread"].join()
+        assert saver.poll() == str(tmp_path / "step_00000002")
+        gate.clear()
+        saver.start(4, {"model.pt": {"w": torch.full((3,), 4.0)}}, {"tokens": 4})
+        timer = threading.Timer(0.2, gate.set)
+        timer.start()
+        # the next save first finishes the one in flight
+        assert saver.start(6, {"model.pt": {"w": torch.full((3,), 6.0)}}, {"tokens": 6}) == str(
+            tmp_path / "step_00000004")
+        assert saver.wait() == str(tmp_path / "step_00000006")
+    finally:
+        ckpt.save_file = real_save
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [2, 4, 6]
+    assert torch.equal(ckpt.load_file(ckpt.verify(str(tmp_path / "step_00000006")) and
+                                      str(tmp_path / "step_00000006"), "model.pt")["w"], torch.full((3,), 6.0))
