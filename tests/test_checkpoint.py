@@ -245,24 +245,27 @@ def test_failed_write_aborts_the_save_and_keeps_the_previous_checkpoint(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["step_00000002"]
 
 
-def test_verify_command(tmp_path):
+def test_verify_command(tmp_path, capsys):
     for s in (1, 2):
         _save(tmp_path, s)
-    cmd = [sys.executable, "-m", "mamba_dist.cli", "checkpoint", "verify"]
-    good = subprocess.run(cmd + [str(tmp_path)], capture_output=True, text=True)
-    assert good.returncode == 0, good.stderr
-    assert good.stdout.count("ok: ") == 2 and "step 2, 2 files" in good.stdout
+    assert ckpt.main(["verify", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok: ") == 2 and "step 2, 2 files" in out
     _flip_byte(os.path.join(tmp_path, "step_00000002", "model.pt"))
-    for target in (str(tmp_path), str(tmp_path / "step_00000002")):
-        bad = subprocess.run(cmd + [target], capture_output=True, text=True)
-        assert bad.returncode == 2
-        lines = bad.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(
-            f"mamba-dist checkpoint: error: checkpoint {tmp_path / 'step_00000002'} is corrupt: model.pt does not "
-            f"match its checksum in meta.json (recorded {ckpt.HASH}:"), lines
-        assert bad.stdout.count("ok: ") == (1 if target == str(tmp_path) else 0)  # step_1 is still fine
-    empty = subprocess.run(cmd + [str(tmp_path / "nothing")], capture_output=True, text=True)
-    assert empty.returncode == 2 and "holds no complete checkpoint" in empty.stderr
+    want = (f"mamba-dist checkpoint: error: checkpoint {tmp_path / 'step_00000002'} is corrupt: model.pt does not "
+            f"match its checksum in meta.json (recorded {ckpt.HASH}:")
+    # the installed command: one line, exit code 2; the good step_1 is still reported
+    bad = subprocess.run([sys.executable, "-m", "mamba_dist.cli", "checkpoint", "verify", str(tmp_path)],
+                         capture_output=True, text=True)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith(want), bad.stderr
+    assert bad.stdout.count("ok: ") == 1
+    assert ckpt.main(["verify", str(tmp_path / "step_00000002")]) == 2  # a step directory
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(want)
+    assert ckpt.main(["verify", str(tmp_path / "nothing")]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+
 
 
 def test_async_snapshot_and_checkpointer(tmp_path):

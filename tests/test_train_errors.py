@@ -69,7 +69,9 @@ def test_garbage_checkpoint_file_one_line(trained, tmp_path):
     optim = run / "checkpoints" / "step_00000002" / "optim.pt"
     optim.write_bytes(b"\0" * optim.stat().st_size)  # same size, unreadable content
     line = error_line(run_train(tiny_args(run, **{"train.max_steps": 4})))
-    assert "step_00000002 is corrupt: cannot read optim.pt" in line
+    # the checksum in meta.json catches it before torch.load would (no other checkpoint to fall back to)
+    assert "no checkpoint in" in line and "passes verification" in line
+    assert "step_00000002 is corrupt: optim.pt does not match its checksum in meta.json" in line
 
 
 def test_corrupt_meta_one_line(trained, tmp_path):
