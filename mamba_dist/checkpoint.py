@@ -143,7 +143,7 @@ def file_checksum(path: str, algo: str = HASH) -> str:
     return f"{algo}:{h.hexdigest()}"
 
 
-def _meta_checksum(meta: dict) -> str:
+def meta_checksum(meta: dict) -> str:
     body = json.dumps({k: v for k, v in meta.items() if k != "meta_checksum"}, sort_keys=True)
     return "blake2b:" + hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
 
@@ -343,7 +343,7 @@ def _finish(ckpt_dir: str, tmp: str, final: str, step: int, meta: dict, keep_las
     files = dict(sorted(files.items()))
     meta = {**meta, "format": FORMAT_VERSION, "step": step, "files": files,
             "checksums": {k: checksums[k] for k in files}, "saved_at": time.time()}
-    meta["meta_checksum"] = _meta_checksum(meta)
+    meta["meta_checksum"] = meta_checksum(meta)
     _write_json(meta, os.path.join(tmp, META))
     _fsync_dir(tmp)
     fault_point(f"checkpoint_before_rename_{step}")
@@ -385,7 +385,7 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt: {META} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "step" not in meta or "files" not in meta:
         raise CheckpointError(f"checkpoint {path} is corrupt: {META} lacks step/files")
-    if "meta_checksum" in meta and meta["meta_checksum"] != _meta_checksum(meta):
+    if "meta_checksum" in meta and meta["meta_checksum"] != meta_checksum(meta):
         raise CheckpointError(f"checkpoint {path} is corrupt: {META} does not match its own checksum")
     for name, size in meta["files"].items():
         fp = os.path.join(path, name)
