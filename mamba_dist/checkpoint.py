@@ -4,7 +4,8 @@ Layout of a checkpoint directory (<checkpoint.dir>/step_00000100/):
   model.pt, optim.pt   model and optimizer state (written by the trainer's save hook; model-tpNN.pt ... under TP)
   zero/, latest, zero_to_fp32.py   instead, under DeepSpeed ZeRO: its sharded model/optimizer files, tag `zero`
   rank00000.pt ...     per rank: data-loader state and every RNG state (python, numpy, torch CPU, CUDA)
-  meta.json            step, tokens seen, data epoch, world size, the resolved config, and the size of every file
+  meta.json            step, tokens seen, data epoch, world size, the resolved config, the size and content checksum
+                       of every file, and a checksum of meta.json's own content
 
 Atomicity: every rank writes into `.tmp-step_00000100/` in the same parent and fsyncs its files; after a barrier
 rank 0 writes meta.json last, fsyncs, and renames the directory to `step_00000100` (an atomic rename on POSIX),
@@ -13,44 +14,159 @@ then fsyncs the parent. A crash at any point before the rename leaves only a `.t
 are first renamed to `.trash-*` and then deleted, so a crash mid-delete never leaves a half-deleted `step_*`.
 The checkpoint directory must be on a filesystem every rank sees (shared storage on multi-node runs).
 
+Integrity: `torch.load` does not check the zip CRC, so a flipped byte would load silently. Every file's checksum
+(xxh3-128 when the `xxhash` package is installed, else blake2b-128 from hashlib) is computed while it is written
+(`save_file` hashes the bytes torch.save streams through `HashingWriter`); each rank hands its checksums to rank 0
+in a small `.checksums-rankNNNNN.json` in the temporary directory, and rank 0 puts them into meta.json. `verify`
+re-reads and checks every file; `resolve_resume("auto")` falls back to the previous checkpoint when the latest
+fails it (and logs why); `mamba-dist checkpoint verify DIR` does the same check offline.
+
+Failed writes (a full disk, a permission error): every rank reports whether its writes succeeded at the syncs of
+`begin_save` / `commit_save`, so all ranks abort the save together with `CheckpointWriteError`; the temporary
+directory is removed and the previous checkpoints are untouched.
+
 Errors a user can hit (missing, truncated or corrupt files, config mismatch) raise `CheckpointError` with a
 one-line message naming the checkpoint and the problem.
+
+Run the offline check:
+    mamba-dist checkpoint verify runs/demo/checkpoints              # every complete checkpoint there
+    mamba-dist checkpoint verify runs/demo/checkpoints/step_00000100
 """
 
 from __future__ import annotations
 
+import argparse
+import errno
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+try:
+    import xxhash  # optional: ~10x faster than blake2b
+except ImportError:  # pragma: no cover - depends on the environment
+    xxhash = None
+
+log = logging.getLogger("mamba_dist.checkpoint")
+
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 META = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records checksums (version 1 checkpoints, sizes only, still load)
+HASH = "xxh3_128" if xxhash is not None else "blake2b"
+CHECKSUMS_SIDECAR = ".checksums-rank{rank:05d}.json"  # a rank's checksums, merged into meta.json by rank 0
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used. The message is one line naming the checkpoint and the problem."""
 
 
-def fault_point(name: str) -> None:
-    """Test hook for crash tests: if MAMBA_DIST_FAULT equals `name` (and MAMBA_DIST_FAULT_RANK, if set, equals this
-    process's RANK), the process SIGKILLs itself here, as a power cut or OOM killer would; if it equals
-    `sigterm:<name>`, it sends itself SIGTERM (a scheduler's preemption notice). A no-op otherwise."""
-    fault = os.environ.get("MAMBA_DIST_FAULT")
-    if fault not in (name, f"sigterm:{name}"):
-        return
+class CheckpointWriteError(RuntimeError):
+    """A save failed on some rank (e.g. a full disk); it was aborted on every rank, the previous checkpoints are
+    intact. The message is one line."""
+
+
+# ------------------------------------------------------------------------------------------- test hooks
+def _faults() -> list[str]:
+    """MAMBA_DIST_FAULT (comma-separated points) when MAMBA_DIST_FAULT_RANK is unset or equals this RANK."""
     want = os.environ.get("MAMBA_DIST_FAULT_RANK")
     if want is not None and want != os.environ.get("RANK", "0"):
-        return
-    os.kill(os.getpid(), signal.SIGKILL if fault == name else signal.SIGTERM)
+        return []
+    return [f.strip() for f in os.environ.get("MAMBA_DIST_FAULT", "").split(",") if f.strip()]
+
+
+def fault_active(name: str) -> bool:
+    """Test hook for faults that are not crashes (e.g. `nan_loss_at_5`): whether MAMBA_DIST_FAULT names it."""
+    return name in _faults()
+
+
+def fault_point(name: str) -> None:
+    """Test hook for crash tests: if MAMBA_DIST_FAULT names `name` (and MAMBA_DIST_FAULT_RANK, if set, equals this
+    process's RANK), the process SIGKILLs itself here, as a power cut or OOM killer would; `sigterm:<name>` sends
+    itself SIGTERM (a scheduler's preemption notice); `enospc:<name>` raises OSError(ENOSPC), as a full disk
+    would. A no-op otherwise."""
+    faults = _faults()
+    if name in faults:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif f"sigterm:{name}" in faults:
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif f"enospc:{name}" in faults:
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
+
+
+# ------------------------------------------------------------------------------------------- checksums
+def _new_hash(algo: str):
+    if algo == "xxh3_128":
+        if xxhash is None:
+            raise CheckpointError("this checkpoint records xxh3_128 checksums: pip install xxhash to verify it")
+        return xxhash.xxh3_128()
+    if algo == "blake2b":
+        return hashlib.blake2b(digest_size=16)
+    raise CheckpointError(f"unknown checksum algorithm {algo!r}")
+
+
+class HashingWriter:
+    """A binary file wrapper that hashes the bytes as they are written. torch.save streams its zip archive through
+    write() alone (torch.serialization._open_zipfile_writer_buffer: write + flush, no seeks), so the checksum
+    covers exactly the bytes on disk without reading them back."""
+
+    def __init__(self, f, algo: str = HASH):
+        self.f, self.algo, self.h = f, algo, _new_hash(algo)
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def checksum(self) -> str:
+        return f"{self.algo}:{self.h.hexdigest()}"
+
+
+def file_checksum(path: str, algo: str = HASH) -> str:
+    """Checksum of a file by reading it (verification, and files written by other libraries)."""
+    h = _new_hash(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return f"{algo}:{h.hexdigest()}"
+
+
+def meta_checksum(meta: dict) -> str:
+    body = json.dumps({k: v for k, v in meta.items() if k != "meta_checksum"}, sort_keys=True)
+    return "blake2b:" + hashlib.blake2b(body.encode(), digest_size=16).hexdigest()
+
+
+# tmp dir -> {file name relative to it: checksum} of the files this process wrote there (threads may save)
+_written: dict[str, dict[str, str]] = {}
+_written_lock = threading.Lock()
+
+
+def _record(path: str, checksum: str) -> None:
+    path = os.path.abspath(path)
+    with _written_lock:
+        for tmp, sums in _written.items():
+            if path.startswith(tmp + os.sep):
+                sums[os.path.relpath(path, tmp)] = checksum
+                return
+
+
+def record_files(tmp: str, paths: list[str]) -> None:
+    """Checksum files another library wrote into the temporary directory `tmp` (DeepSpeed's shards), by reading
+    them back: their writer cannot be wrapped. Recorded like save_file's."""
+    for p in paths:
+        _record(p, file_checksum(p))
 
 
 # ------------------------------------------------------------------------------------------- finding checkpoints
@@ -81,17 +197,38 @@ def resolve_resume(resume: str, ckpt_dir: str) -> Optional[str]:
     if resume == "none":
         return None
     if resume == "auto":
-        return latest_checkpoint(ckpt_dir)
+        return latest_verified(ckpt_dir)
     path = resume
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, META)):
         latest = latest_checkpoint(path)  # a checkpoint *directory* was given: take its latest
         if latest is not None:
+            verify(latest)
             return latest
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint.resume: no such checkpoint directory: {path}")
     if not os.path.isfile(os.path.join(path, META)):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {META}): it was not fully written")
+    verify(path)
     return path
+
+
+def latest_verified(ckpt_dir: str) -> Optional[str]:
+    """The newest complete checkpoint that passes `verify`; a newer one that fails is skipped with a warning (so
+    every rank, checking the same files, picks the same one). None if there are none; CheckpointError if there
+    are some but none passes (starting from scratch over them would silently throw the run away)."""
+    ckpts = list_checkpoints(ckpt_dir)
+    first_error = None
+    for _, path in reversed(ckpts):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            first_error = first_error or e
+            log.warning("%s; falling back to the previous checkpoint", e)
+    if first_error is not None:
+        raise CheckpointError(f"no checkpoint in {ckpt_dir} passes verification (latest: {first_error}); "
+                              f"set checkpoint.resume=none to start from scratch")
+    return None
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -103,12 +240,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_file(obj: Any, path: str) -> None:
-    """torch.save + flush + fsync, so the bytes are on disk before the directory is renamed into place."""
+def save_file(obj: Any, path: str) -> str:
+    """torch.save + flush + fsync, so the bytes are on disk before the directory is renamed into place. Returns the
+    content checksum, computed while writing and recorded for meta.json when `path` is inside a save's tmp dir."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        w = HashingWriter(f)
+        torch.save(obj, w)
         f.flush()
         os.fsync(f.fileno())
+    _record(path, w.checksum())
+    return w.checksum()
 
 
 def _write_json(obj: Any, path: str) -> None:
@@ -118,48 +259,118 @@ def _write_json(obj: Any, path: str) -> None:
         os.fsync(f.fileno())
 
 
-def begin_save(ckpt_dir: str, step: int, rank: int, barrier: Callable[[], None]) -> str:
+# `sync(failed) -> bool` is a barrier over all ranks that returns whether any rank passed failed=True (train.py:
+# an all-reduce of the flag); `local_sync` is the one-process version.
+Sync = Callable[[bool], bool]
+
+
+def local_sync(failed: bool = False) -> bool:
+    return failed
+
+
+def _abort(ckpt_dir: str, tmp: str, step: int, rank: int, err: Optional[BaseException]) -> None:
+    with _written_lock:
+        _written.pop(os.path.abspath(tmp), None)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    why = f"{type(err).__name__}: {err}" if err is not None else "another rank failed to write its files"
+    prev = latest_checkpoint(ckpt_dir)
+    raise CheckpointWriteError(f"checkpoint save at step {step} failed ({why}); "
+                               + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint"))
+
+
+def begin_save(ckpt_dir: str, step: int, rank: int, sync: Sync = local_sync) -> str:
     """Create (on rank 0) a fresh temporary directory for step `step`; returns its path on every rank."""
     tmp = os.path.join(ckpt_dir, ".tmp-" + step_dir_name(step))
+    err = None
     if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        for name in os.listdir(ckpt_dir):  # leftovers of a crashed save or delete
-            if name.startswith((".tmp-", ".trash-")):
-                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            for name in os.listdir(ckpt_dir):  # leftovers of a crashed save or delete
+                if name.startswith((".tmp-", ".trash-")):
+                    shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            err = e
+    with _written_lock:
+        _written[os.path.abspath(tmp)] = {}
+    if sync(err is not None):
+        _abort(ckpt_dir, tmp, step, rank, err)
     return tmp
 
 
-def commit_save(ckpt_dir: str, tmp: str, step: int, meta: dict, rank: int, barrier: Callable[[], None],
-                keep_last: int = 0) -> str:
-    """After every rank has written its files into `tmp`: meta.json last, then the atomic rename (rank 0)."""
-    barrier()  # every rank's files are fsynced
+def commit_save(ckpt_dir: str, tmp: str, step: int, meta: dict, rank: int, sync: Sync = local_sync,
+                keep_last: int = 0, error: Optional[BaseException] = None) -> str:
+    """After every rank has written its files into `tmp` (or failed to: `error`): each rank's checksums, then
+    meta.json last and the atomic rename (rank 0). Any rank's failure aborts the save on all of them."""
+    with _written_lock:
+        sums = _written.pop(os.path.abspath(tmp), {})
+    if error is None:
+        try:
+            if sums:
+                _write_json(sums, os.path.join(tmp, CHECKSUMS_SIDECAR.format(rank=rank)))
+        except OSError as e:
+            error = e
+    if sync(error is not None):  # every rank's files are fsynced, or some rank failed
+        _abort(ckpt_dir, tmp, step, rank, error)
     final = os.path.join(ckpt_dir, step_dir_name(step))
     if rank == 0:
-        files = {}  # every file, also inside sub-directories (DeepSpeed's zero/), so read_meta checks them all
-        for root, _, names in os.walk(tmp):
-            for name in names:
-                fp = os.path.join(root, name)
-                files[os.path.relpath(fp, tmp)] = os.path.getsize(fp)
-        files = dict(sorted(files.items()))
-        meta = {**meta, "format": FORMAT_VERSION, "step": step, "files": files, "saved_at": time.time()}
-        _write_json(meta, os.path.join(tmp, META))
-        _fsync_dir(tmp)
-        fault_point(f"checkpoint_before_rename_{step}")
-        if os.path.exists(final):  # re-saving a step (e.g. a resumed run that saves the same step again)
-            trash = os.path.join(ckpt_dir, ".trash-" + step_dir_name(step))
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
-        if keep_last > 0:
-            for _, old in list_checkpoints(ckpt_dir)[:-keep_last]:
-                trash = os.path.join(ckpt_dir, ".trash-" + os.path.basename(old))
-                os.rename(old, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-    barrier()
+        try:
+            _finish(ckpt_dir, tmp, final, step, meta, keep_last)
+        except OSError as e:
+            error = e
+    if sync(error is not None):
+        _abort(ckpt_dir, tmp, step, rank, error)
     return final
+
+
+def _finish(ckpt_dir: str, tmp: str, final: str, step: int, meta: dict, keep_last: int) -> None:
+    """Rank 0: merge the ranks' checksums, write meta.json, rename tmp -> final, prune old checkpoints."""
+    checksums: dict[str, str] = {}
+    for name in os.listdir(tmp):
+        if name.startswith(".checksums-rank"):
+            with open(os.path.join(tmp, name)) as f:
+                checksums.update(json.load(f))
+            os.remove(os.path.join(tmp, name))
+    files = {}  # every file, also inside sub-directories (DeepSpeed's zero/), so read_meta checks them all
+    for root, _, names in os.walk(tmp):
+        for name in names:
+            fp = os.path.join(root, name)
+            rel = os.path.relpath(fp, tmp)
+            files[rel] = os.path.getsize(fp)
+            if rel not in checksums:  # written by other code (DeepSpeed's `latest`, zero_to_fp32.py): read back
+                checksums[rel] = file_checksum(fp)
+    files = dict(sorted(files.items()))
+    meta = {**meta, "format": FORMAT_VERSION, "step": step, "files": files,
+            "checksums": {k: checksums[k] for k in files}, "saved_at": time.time()}
+    meta["meta_checksum"] = meta_checksum(meta)
+    _write_json(meta, os.path.join(tmp, META))
+    _fsync_dir(tmp)
+    fault_point(f"checkpoint_before_rename_{step}")
+    if os.path.exists(final):  # re-saving a step (e.g. a resumed run that saves the same step again)
+        trash = os.path.join(ckpt_dir, ".trash-" + step_dir_name(step))
+        os.rename(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    if keep_last > 0:
+        for _, old in list_checkpoints(ckpt_dir)[:-keep_last]:
+            trash = os.path.join(ckpt_dir, ".trash-" + os.path.basename(old))
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(ckpt_dir: str, step: int, rank: int, write: Callable[[str], None], meta: dict,
+                    sync: Sync = local_sync, keep_last: int = 0) -> str:
+    """One collective save: begin_save, `write(tmp)` on every rank, commit_save. An OSError in any rank's writes
+    (full disk, permissions) aborts it on every rank with CheckpointWriteError; returns the checkpoint's path."""
+    tmp = begin_save(ckpt_dir, step, rank, sync)
+    error = None
+    try:
+        write(tmp)
+    except OSError as e:
+        error = e
+    return commit_save(ckpt_dir, tmp, step, meta, rank, sync, keep_last, error)
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -174,6 +385,8 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt: {META} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "step" not in meta or "files" not in meta:
         raise CheckpointError(f"checkpoint {path} is corrupt: {META} lacks step/files")
+    if "meta_checksum" in meta and meta["meta_checksum"] != meta_checksum(meta):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {META} does not match its own checksum")
     for name, size in meta["files"].items():
         fp = os.path.join(path, name)
         if not os.path.exists(fp):
@@ -181,6 +394,21 @@ def read_meta(path: str) -> dict:
         if os.path.isfile(fp) and os.path.getsize(fp) != size:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: {name} has {os.path.getsize(fp)} bytes, {META} recorded {size}")
+    return meta
+
+
+def verify(path: str) -> dict:
+    """read_meta, then every file's content against the checksum meta.json records; returns the meta. Raises a
+    one-line CheckpointError naming the first missing or changed file."""
+    meta = read_meta(path)
+    for name, want in meta.get("checksums", {}).items():  # a format-1 checkpoint has none: sizes only
+        fp = os.path.join(path, name)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
+        got = file_checksum(fp, want.split(":", 1)[0])
+        if got != want:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum in {META} "
+                                  f"(recorded {want}, found {got})")
     return meta
 
 
@@ -272,10 +500,46 @@ def rank_file(rank: int) -> str:
     return f"rank{rank:05d}.pt"
 
 
+def rank_state(loader_state: Any, extra: Optional[dict] = None) -> dict:
+    """What rankNNNNN.pt holds: this rank's loader position and every RNG state, as of now."""
+    return {"rng": rng_state(), "loader": loader_state, **(extra or {})}
+
+
 def save_rank_state(tmp: str, rank: int, loader_state: Any, extra: Optional[dict] = None) -> None:
-    save_file({"rng": rng_state(), "loader": loader_state, **(extra or {})}, os.path.join(tmp, rank_file(rank)))
+    save_file(rank_state(loader_state, extra), os.path.join(tmp, rank_file(rank)))
 
 
 def load_rank_state(path: str, rank: int) -> dict:
     # Written by this program (python/numpy RNG states are plain objects, not tensors): trusted like the code.
     return load_file(path, rank_file(rank), weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------- offline check
+def main(argv: Optional[list[str]] = None) -> int:
+    """`mamba-dist checkpoint verify DIR`: check a step directory, or every complete checkpoint in a checkpoint
+    directory, against the checksums in meta.json. Exit 0 when all pass; one line per failure and exit 2."""
+    p = argparse.ArgumentParser(prog="mamba-dist checkpoint", description="inspect training checkpoints")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="check every file of a checkpoint against its recorded checksum")
+    v.add_argument("dir", help="a step_NNNNNNNN directory, or a checkpoint directory holding them")
+    args = p.parse_args(argv)
+    if os.path.isfile(os.path.join(args.dir, META)):
+        targets = [args.dir]
+    else:
+        targets = [path for _, path in list_checkpoints(args.dir)]
+        if not targets:
+            print(f"mamba-dist checkpoint: error: {args.dir} holds no complete checkpoint (no {META})",
+                  file=sys.stderr)
+            return 2
+    failed = 0
+    for path in targets:
+        try:
+            meta = verify(path)
+        except CheckpointError as e:
+            print(f"mamba-dist checkpoint: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        n_bytes = sum(meta["files"].values())
+        how = "checksums" if "checksums" in meta else "sizes only (format 1, no checksums)"
+        print(f"ok: {path} (step {meta['step']}, {len(meta['files'])} files, {n_bytes / 1e6:.1f} MB, {how})")
+    return 2 if failed else 0

@@ -22,6 +22,7 @@ COMMANDS = {
     "convert": ("mamba_dist.convert", "convert checkpoints to/from mamba_ssm and Hugging Face formats"),
     "sweep": ("mamba_dist.sweep", "run a scaling sweep"),
     "generate": ("mamba_dist.convert.generate", "generate text from a checkpoint or an export (recurrent step)"),
+    "checkpoint": ("mamba_dist.checkpoint", "verify a checkpoint's files against their checksums (offline)"),
 }
 
 

@@ -128,6 +128,7 @@ class TrainConfig:
     # replay each micro-batch's forward + backward as a CUDA graph (no launch overhead): auto = on for Mamba-2 with
     # the fused kernels, one GPU process per replica at tp 1 (mamba_dist.train.use_cuda_graphs) | true | false
     cuda_graphs: Union[bool, str] = "auto"
+    max_skipped_in_row: int = 10  # non-finite steps skipped in a row before the run halts (exit code 3)
 
 
 @dataclass
@@ -140,7 +141,11 @@ class CheckpointConfig:
     dir: str = ""  # default: <run_dir>/checkpoints
     every: int = 0  # save every N steps (0: only at the end)
     keep_last: int = 3  # complete checkpoints kept (0: keep all)
-    resume: str = "auto"  # auto (latest complete checkpoint in dir, if any) | none | <path to a checkpoint>
+    resume: str = "auto"  # auto (latest complete checkpoint in dir that verifies, if any) | none | <path>
+    on_error: str = "stop"  # a failed save (full disk, permissions): stop (exit code 3) | continue (log, go on)
+    # checkpoint.async (a Python keyword, hence the field name): snapshot to (pinned) CPU memory at the step, write
+    # in a background thread while training goes on; at most one save in flight (torch path; ZeRO saves stay sync)
+    async_: bool = False
 
 
 @dataclass
@@ -186,6 +191,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------- parsing + types
+KEYWORD_KEYS = {"async": "async_"}  # config keys that are Python keywords -> their dataclass field names
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -257,6 +263,7 @@ def _apply(obj: Any, values: dict, where: str = "") -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
+        key = KEYWORD_KEYS.get(key, key)
         if key not in names:
             raise ConfigError(f"{path}: unknown key (valid keys{' in ' + where if where else ''}: {', '.join(names)})")
         current = getattr(obj, key)
@@ -298,6 +305,7 @@ def _override_into(cfg: Config, keys: list[str], value: Any) -> None:
         path = ".".join(keys[: i + 1])
         if dataclasses.is_dataclass(obj):
             names = [f.name for f in dataclasses.fields(obj)]
+            k = KEYWORD_KEYS.get(k, k)
             if k not in names:
                 where = ".".join(keys[:i]) or "config"
                 raise ConfigError(f"{path}: unknown key (valid keys in {where}: {', '.join(names)})")
@@ -444,6 +452,7 @@ def validate_config(cfg: Config) -> None:
     _check(t.val_tokens >= 0, "train.val_tokens", f"must be >= 0, got {t.val_tokens}")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
+    _check(t.max_skipped_in_row >= 0, "train.max_skipped_in_row", f"must be >= 0, got {t.max_skipped_in_row}")
 
     _choice(cfg.precision.dtype, "precision.dtype", ("fp32", "bf16"))
 
@@ -451,6 +460,7 @@ def validate_config(cfg: Config) -> None:
     _check(c.every >= 0, "checkpoint.every", f"must be >= 0, got {c.every}")
     _check(c.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0 (0 keeps all), got {c.keep_last}")
     _check(bool(c.resume), "checkpoint.resume", "must be auto, none or a checkpoint path")
+    _choice(c.on_error, "checkpoint.on_error", ("stop", "continue"))
 
     lg = cfg.logging
     _check(bool(lg.run_dir), "logging.run_dir", "required")

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from mamba_dist import checkpoint as ckpt
+from mamba_dist import faults
 from mamba_dist.config import Config, ConfigError, Derived, load_config, save_config, validate_runtime
 from mamba_dist.metrics import MetricsLogger, measure_cpu_matmul_flops, memory_gb, read_jsonl
 from mamba_dist.model.flops import flops_per_token, peak_flops_for
@@ -228,11 +229,14 @@ class TorchPath:
         ids, labels, seq_idx = batch
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=self.autocast_cache):
             loss = forward_loss(self.model, ids, labels, seq_idx, self.dims, fused_ce)
+        if self.nan_loss:  # test hook (faults.inject_test_faults)
+            loss = loss * float("nan")
         self.backward(loss, grad_accum)
         return loss.detach()
 
     autocast_cache = True  # autocast keeps bf16 weight copies within a forward (not allowed in a CUDA graph)
     grads_to_none = True  # after the update; a CUDA graph needs its gradient buffers to stay
+    nan_loss = False
 
     def no_sync(self, last: bool):
         """DDP skips the gradient all-reduce on the non-final micro-batches of an accumulation."""
@@ -244,27 +248,40 @@ class TorchPath:
         """Accumulate the gradient of one micro-batch's mean loss into the step's mean over grad_accum."""
         (loss / grad_accum).backward()
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self, loss: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
         """Clip, step, advance the schedule. Returns (grad norm before clipping, whether the step was applied): a
-        non-finite gradient norm skips the update (and is logged) rather than poisoning the weights."""
+        non-finite gradient norm, or a non-finite loss (this step's mean, on any DP rank), skips the update (the
+        loop counts and logs it) rather than poisoning the weights. Both are the same on every rank."""
         from mamba_dist.parallel.loss import clip_grad_norm_
 
         norm = clip_grad_norm_(list(unwrap(self.model).parameters()), self.cfg.optim.grad_clip, self.dims)
-        applied = bool(torch.isfinite(norm))
+        finite = torch.isfinite(norm)
+        if loss is not None:  # an inf loss can have finite gradients; summed over DP so all ranks agree
+            total = loss.detach().reshape(1).clone()
+            if self.dims.distributed and self.dims.dp > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(total, group=self.dims.dp_group)
+            finite = finite & torch.isfinite(total).all()
+        applied = bool(finite)
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=self.grads_to_none)
         self.scheduler.step()
         return norm, applied
 
-    def save(self, tmp_dir: str) -> None:
-        """Every DP replica holds the same state, so DP rank 0 (of each TP rank) writes it."""
+    def state_files(self) -> dict:
+        """{file name: state} this rank writes. Every DP replica holds the same state, so DP rank 0 (of each TP
+        rank) writes it. (The state references the live tensors: checkpoint.async snapshots it.)"""
         if self.dims.dp_rank != 0:
-            return
+            return {}
         model_file, optim_file = _model_files(self.dims)
-        ckpt.save_file(unwrap(self.model).state_dict(), os.path.join(tmp_dir, model_file))
-        ckpt.save_file({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       os.path.join(tmp_dir, optim_file))
+        return {model_file: unwrap(self.model).state_dict(),
+                optim_file: {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}}
+
+    def save(self, tmp_dir: str) -> None:
+        for name, state in self.state_files().items():
+            ckpt.save_file(state, os.path.join(tmp_dir, name))
 
     def load(self, path: str) -> None:
         model_file, optim_file = _model_files(self.dims)
@@ -284,6 +301,8 @@ class DeepSpeedPath(TorchPath):
     """parallel.zero_stage 1-3: the DeepSpeed engine (`model`) owns data parallelism, accumulation, clipping,
     the optimizer and the schedule; every rank writes its partition."""
 
+    state_files = None  # DeepSpeed writes its own files (collectively): no async save
+
     def no_sync(self, last: bool):
         return contextlib.nullcontext()  # the engine decides (its no_sync() refuses ZeRO-2/3)
 
@@ -293,7 +312,7 @@ class DeepSpeedPath(TorchPath):
         self.model.backward(loss)
         self.model.step()
 
-    def step(self) -> tuple[torch.Tensor, bool]:
+    def step(self, loss: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
         norm = self.model.get_global_grad_norm()  # stepped in the last backward(); it skips non-finite steps
         return torch.as_tensor(float("nan") if norm is None else float(norm)), self.model.was_step_applied()
 
@@ -302,7 +321,11 @@ class DeepSpeedPath(TorchPath):
         trainer's atomic rename of tmp_dir covers them like any other file."""
         from mamba_dist.parallel import save_engine_checkpoint
 
-        save_engine_checkpoint(self.model, tmp_dir, DEEPSPEED_TAG)
+        save_engine_checkpoint(self.model, tmp_dir, DEEPSPEED_TAG)  # ends with a barrier: every shard is written
+        # DeepSpeed writes its shards itself (no writer to wrap), so they are hashed by reading them back, split
+        # over the ranks (the same sorted list on every rank: shared filesystem)
+        shards = sorted(os.path.join(r, n) for r, _, ns in os.walk(os.path.join(tmp_dir, DEEPSPEED_TAG)) for n in ns)
+        ckpt.record_files(tmp_dir, shards[self.dims.rank::self.dims.world_size])
 
     def load(self, path: str) -> None:
         from mamba_dist.parallel import load_engine_checkpoint
@@ -422,8 +445,9 @@ def train_step(path: TorchPath, micro_batches: list, dims, amp: bool,
         with path.no_sync(last=i == n - 1):
             loss = path.forward_backward(batch, n, amp, fused_ce).float()
         loss_sum = loss if loss_sum is None else loss_sum + loss
-    grad_norm, applied = path.step()
-    return loss_sum / n, grad_norm, applied
+    loss = loss_sum / n
+    grad_norm, applied = path.step(loss)
+    return loss, grad_norm, applied
 
 
 # ============================================================================================ the loop
@@ -431,7 +455,7 @@ def train_step(path: TorchPath, micro_batches: list, dims, amp: bool,
 class Progress:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed (all ranks)
-    skipped: int = 0  # steps skipped for a non-finite gradient norm
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient norm
 
 
 class StopRequest:
@@ -613,15 +637,43 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                                                               if cfg.data.sources else {})})
             return v
 
-        def save():
-            tmp = ckpt.begin_save(ckpt_dir, prog.step, dims.rank, barrier)
+        sync = faults.sync_any(dims, device)
+        guard = faults.NonFiniteGuard(cfg.train.max_skipped_in_row, faults.resumed_in_row(meta))
+        saver = None
+        if cfg.checkpoint.async_ and training.state_files is None:
+            log.warning("checkpoint.async=true is not supported under DeepSpeed ZeRO; checkpoints are synchronous")
+        elif cfg.checkpoint.async_:
+            from mamba_dist.async_checkpoint import AsyncCheckpointer
+
+            saver = AsyncCheckpointer(ckpt_dir, dims.rank, sync, cfg.checkpoint.keep_last)
+
+        def write(tmp):
             training.save(tmp)
             ckpt.fault_point(f"checkpoint_write_{prog.step}")  # crash tests: model saved, rest not yet
             ckpt.save_rank_state(tmp, dims.rank, train_loader.state_dict())
-            meta = {"tokens": prog.tokens, "skipped": prog.skipped, "world_size": derived.world_size,
-                    "config": cfg.to_dict()}
-            path = ckpt.commit_save(ckpt_dir, tmp, prog.step, meta, dims.rank, barrier, cfg.checkpoint.keep_last)
-            metrics.event(prog.step, "checkpoint", path=path)
+
+        def save():
+            faults.check_before_save(training.optimizer, sync, prog.step, ckpt_dir)  # never save NaNs
+            meta = {"tokens": prog.tokens, "skipped": prog.skipped, "skipped_in_row": guard.in_row,
+                    "world_size": derived.world_size, "config": cfg.to_dict()}
+            if saver is not None:  # snapshot now, write in the background, commit in a later poll()
+                files = {**training.state_files(), ckpt.rank_file(dims.rank): ckpt.rank_state(
+                    train_loader.state_dict())}
+                return finish_save(lambda: saver.start(prog.step, files, meta))
+            finish_save(lambda: ckpt.save_checkpoint(ckpt_dir, prog.step, dims.rank, write, meta, sync,
+                                                     cfg.checkpoint.keep_last))
+
+        def finish_save(commit):
+            """Run a save or an async commit; log its outcome; a failure follows checkpoint.on_error."""
+            step = saver.pending_step if saver is not None and saver.pending_step is not None else prog.step
+            try:
+                path = commit()
+            except ckpt.CheckpointWriteError as e:
+                metrics.event(step, "checkpoint_failed", error=str(e))
+                faults.handle_save_error(e, cfg.checkpoint.on_error)
+                return
+            if path is not None:
+                metrics.event(step, "checkpoint", path=path)
 
         from tqdm import tqdm
 
@@ -634,17 +686,17 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # this step's (DeepSpeed advances it inside the last backward)
             micro_batches = [_to_device(next(batches), device) for _ in range(derived.grad_accum)]
+            faults.inject_test_faults(training, prog.step + 1)
             loss, grad_norm, applied = train_step(training, micro_batches, dims, amp, fused_ce)
             prog.step += 1
             prog.tokens += cfg.train.global_batch_tokens
             prog.skipped += not applied
-            if not applied:
-                log.warning("step %d: non-finite gradient norm (%s); update skipped", prog.step, grad_norm.item())
             loss_val = _mean_over_ranks(loss, dims)
             dt = time.perf_counter() - t0
             tok_s = cfg.train.global_batch_tokens / dt
             if rank0 and (prog.step % cfg.logging.log_every == 0 or prog.step == derived.total_steps):
                 rec = {"loss": loss_val, "lr": lr, "grad_norm": grad_norm.item(), "tokens": prog.tokens,
+                       "skipped": not applied, "skipped_total": prog.skipped,
                        "tokens_per_s": tok_s, "step_time_s": dt, **memory_gb(device)}
                 if hasattr(train_loader, "source_epochs"):  # a mixture: the epoch each source is in
                     rec.update({f"{n}/epoch": e for n, e in train_loader.source_epochs().items()})
@@ -652,6 +704,9 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                     rec["mfu"] = flops.train() * tok_s / (peak * derived.world_size)
                     rec["hfu"] = flops.hardware(n_recomputed) * tok_s / (peak * derived.world_size)
                 metrics.log(prog.step, "train", rec)
+            guard.update(prog.step, applied, loss_val, grad_norm.item(), prog.skipped)  # raises RunHalted
+            if saver is not None:
+                finish_save(saver.poll)  # commits the async save in flight once every rank has written it
             ckpt.fault_point(f"after_step_{prog.step}")
             end = prog.step == derived.total_steps
             stop = stop_request.agreed(dims, device)
@@ -666,6 +721,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                 log.warning("stopping at step %d on a termination signal; checkpoint saved, run again to resume",
                             prog.step)
                 break
+        if saver is not None:
+            finish_save(saver.wait)  # the last checkpoint is complete before train() returns
         bar.close()
         summary = {"run_dir": run_dir, "steps": prog.step, "tokens": prog.tokens, "checkpoint_dir": ckpt_dir,
                    "tensorboard": metrics.tb_dir if cfg.logging.tensorboard else None}
@@ -680,13 +737,6 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         if metrics is not None:
             metrics.close()
         dims.destroy()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ============================================================================================ entry point
@@ -731,6 +781,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, derived, resume = prepare_config(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", 1)))
         summary = train(cfg, derived, resume)
+    except faults.RunHalted as e:  # every rank raises it; one line per node
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"mamba-dist train: error: {e}", file=sys.stderr)
+        return faults.HALT_EXIT_CODE
     except user_errors as e:
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             print(f"mamba-dist train: error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from _train_utils import REPO, error_line, ok, run_train, tiny_args
+from mamba_dist import checkpoint as ckpt
 
 
 @pytest.mark.parametrize("override, message", [
@@ -69,7 +70,9 @@ def test_garbage_checkpoint_file_one_line(trained, tmp_path):
     optim = run / "checkpoints" / "step_00000002" / "optim.pt"
     optim.write_bytes(b"\0" * optim.stat().st_size)  # same size, unreadable content
     line = error_line(run_train(tiny_args(run, **{"train.max_steps": 4})))
-    assert "step_00000002 is corrupt: cannot read optim.pt" in line
+    # the checksum in meta.json catches it before torch.load would (no other checkpoint to fall back to)
+    assert "no checkpoint in" in line and "passes verification" in line
+    assert "step_00000002 is corrupt: optim.pt does not match its checksum in meta.json" in line
 
 
 def test_corrupt_meta_one_line(trained, tmp_path):
@@ -91,6 +94,7 @@ def test_checkpoint_with_other_shapes_one_line(trained, tmp_path):
     meta_path = run / "checkpoints" / "step_00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["config"]["model"]["d_model"] = 48
+    meta["meta_checksum"] = ckpt.meta_checksum(meta)  # an edit that also forges meta.json's own checksum
     meta_path.write_text(json.dumps(meta))
     line = error_line(run_train(tiny_args(run, **{"train.max_steps": 4, "model.d_model": 48})))
     assert "step_00000002 does not fit the model: backbone.embedding.weight has shape (264, 32) in the " \

@@ -90,11 +90,13 @@ def test_zero3_crash_while_writing_checkpoint_keeps_previous_one(tmp_path):
     full = uninterrupted(3, 1, 1)
     assert losses(run) == losses(full) and losses(run, "val", "val_loss") == losses(full, "val", "val_loss")
 
-    # a ZeRO shard missing from the latest checkpoint: one line naming it, before any training
+    # a ZeRO shard missing from the latest checkpoint: resuming from it fails in one line naming it, before any
+    # training (resume=auto would fall back to the previous checkpoint: test_train_faults.py)
     latest = ckpt.latest_checkpoint(ckdir)
     shard = next(f for f in ckpt.read_meta(latest)["files"] if f.startswith("zero/") and "optim" in f)
     os.remove(os.path.join(latest, shard))
-    line = error_line(run_train(zero_args(run, zero_stage=3, **{"train.max_steps": STEPS + 2})))
+    line = error_line(run_train(zero_args(run, zero_stage=3, **{"train.max_steps": STEPS + 2,
+                                                                "checkpoint.resume": latest})))
     assert f"checkpoint {latest} is corrupt: {shard} is missing" in line
 
 
