@@ -34,7 +34,7 @@ def usage() -> str:
     lines = ["usage: mamba-dist <command> [args...]", "", "commands:"]
     for name, (module, help_) in COMMANDS.items():
         if _available(module):
-            lines.append(f"  {name:<10}{help_}")
+            lines.append(f"  {name:<12}{help_}")
     lines.append("")
     lines.append("`mamba-dist <command> --help` describes a command's arguments.")
     return "\n".join(lines)
