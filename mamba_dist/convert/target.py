@@ -79,17 +79,19 @@ def write_checkpoint(out: str, config: MambaConfig, tp: int,
         for r in range(tp):
             ckpt.save_file(_local_optimizer(optimizer, specs, r, tp),
                            os.path.join(tmp, f"optim-tp{r:02d}.pt" if tp > 1 else "optim.pt"))
+    copied = []
     for name, src in (extra_files or {}).items():  # e.g. the tokenizer.json of an imported model
-        shutil.copyfile(src, os.path.join(tmp, name))
+        copied.append(shutil.copyfile(src, os.path.join(tmp, name)))
     if rank_state_file is not None:
-        shutil.copyfile(rank_state_file, os.path.join(tmp, ckpt.rank_file(0)))
+        copied.append(shutil.copyfile(rank_state_file, os.path.join(tmp, ckpt.rank_file(0))))
+    ckpt.record_files(tmp, copied)  # copied, not written through save_file: checksummed by reading back
 
     if train_config is None:  # weights only: what check_compatible compares is the model and the TP size
         train_config = {"model": model_config_dict(config), "parallel": {"tp": tp}}
     meta = {"tokens": tokens, "skipped": skipped, "world_size": 1, "config": train_config, **(extra_meta or {})}
     if optimizer is None:
         meta["weights_only"] = True
-    return ckpt.commit_save(out, tmp, step, meta, rank=0, barrier=lambda: None)
+    return ckpt.commit_save(out, tmp, step, meta, rank=0)
 
 
 def _local_optimizer(opt: FullOptimizer, specs: dict, rank: int, tp: int) -> dict:
