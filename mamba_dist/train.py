@@ -250,19 +250,15 @@ class TorchPath:
 
     def step(self, loss: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
         """Clip, step, advance the schedule. Returns (grad norm before clipping, whether the step was applied): a
-        non-finite gradient norm, or a non-finite loss (this step's mean, on any DP rank), skips the update (the
-        loop counts and logs it) rather than poisoning the weights. Both are the same on every rank."""
+        non-finite gradient norm, or a non-finite loss (train_step's mean over the DP ranks, so non-finite on one
+        rank is non-finite on all), skips the update (the loop counts and logs it) rather than poisoning the
+        weights. Both are the same on every rank."""
         from mamba_dist.parallel.loss import clip_grad_norm_
 
         norm = clip_grad_norm_(list(unwrap(self.model).parameters()), self.cfg.optim.grad_clip, self.dims)
         finite = torch.isfinite(norm)
-        if loss is not None:  # an inf loss can have finite gradients; summed over DP so all ranks agree
-            total = loss.detach().reshape(1).clone()
-            if self.dims.distributed and self.dims.dp > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(total, group=self.dims.dp_group)
-            finite = finite & torch.isfinite(total).all()
+        if loss is not None:  # an inf loss can have finite gradients; train_step's is the DP mean: ranks agree
+            finite = finite & torch.isfinite(loss.detach()).all()
         applied = bool(finite)
         if applied:
             self.optimizer.step()
@@ -435,18 +431,30 @@ def forward_loss(model, ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.
     return loss_fn(model(ids, seq_idx=seq_idx), labels, dims)
 
 
+def mean_over_dp(x: torch.Tensor, dims) -> torch.Tensor:
+    """The mean of a tensor over the data-parallel ranks (itself on one rank)."""
+    if dims.distributed and dims.dp > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x, group=dims.dp_group)
+        x /= dims.dp
+    return x
+
+
 def train_step(path: TorchPath, micro_batches: list, dims, amp: bool,
                fused_ce: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One optimizer step: forward (bf16 autocast when amp) + loss + backward over each (input_ids, labels,
     seq_idx) micro-batch on the device, then clip + update + schedule. The one step of the loop, the benchmarks
-    and the tests. Returns (mean loss (device tensor, this rank), grad norm, whether the update was applied)."""
+    and the tests. Returns (mean loss over the step's micro-batches and the DP ranks (device tensor), grad norm,
+    whether the update was applied)."""
     n = len(micro_batches)
     loss_sum = None
     for i, batch in enumerate(micro_batches):
         with path.no_sync(last=i == n - 1):
             loss = path.forward_backward(batch, n, amp, fused_ce).float()
         loss_sum = loss if loss_sum is None else loss_sum + loss
-    loss = loss_sum / n
+    loss = mean_over_dp(loss_sum / n, dims)  # one reduction: the skip decision and the logged loss share it
     grad_norm, applied = path.step(loss)
     return loss, grad_norm, applied
 
@@ -523,16 +531,6 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
             batch["seq_idx"].to(device, non_blocking=nb))
 
 
-def _mean_over_ranks(x: torch.Tensor, dims) -> float:
-    if dims.distributed and dims.dp > 1:
-        import torch.distributed as dist
-
-        x = x.clone()
-        dist.all_reduce(x, group=dims.dp_group)
-        x /= dims.dp
-    return x.item()
-
-
 @torch.no_grad()
 def evaluate(model, loader, start_state: dict, n_batches: int, dims, device, amp: bool, fused_ce: bool) -> float:
     """Mean validation loss over the same first `n_batches` batches of the val split every time."""
@@ -548,7 +546,7 @@ def evaluate(model, loader, start_state: dict, n_batches: int, dims, device, amp
         if n >= n_batches:
             break
     model.train()
-    return _mean_over_ranks(total / max(n, 1), dims)
+    return mean_over_dp(total / max(n, 1), dims).item()
 
 
 def _peak_flops(cfg: Config, device: torch.device) -> Optional[float]:
@@ -692,7 +690,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             prog.step += 1
             prog.tokens += cfg.train.global_batch_tokens
             prog.skipped += not applied
-            loss_val = _mean_over_ranks(loss, dims)
+            loss_val = loss.item()  # already the mean over DP ranks
             dt = time.perf_counter() - t0
             tok_s = cfg.train.global_batch_tokens / dt
             if rank0 and (prog.step % cfg.logging.log_every == 0 or prog.step == derived.total_steps):
