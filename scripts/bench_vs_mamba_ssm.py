@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=["both", "anchor", "ours"], default="both")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides for our step")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile 3 steps per row (torch.profiler): kernel table + category split "
+                        "written to DIR/<size>-<who>.txt, a one-line summary printed")
     return p
 
 
@@ -90,6 +93,53 @@ def _time(step, n_warmup: int, n_steps: int) -> tuple[list, float]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return times, warm
+
+
+# kernel-name patterns -> category of the profile summary (first match wins)
+_CATEGORIES = [
+    ("scan", r"selective_scan|chunk_scan|chunk_state|state_passing|bmm_chunk|chunk_cumsum|ssd"),
+    ("conv", r"causal_conv1d"),
+    ("norm", r"layer_norm|rms_norm|_layer_norm"),
+    ("matmul", r"gemm|cutlass|nvjet|sm90_|xmma|cublas|matmul"),
+    ("optim", r"adam|multi_tensor|foreach"),
+    ("copy/transpose", r"copy|transpose|cat|index|scatter|gather"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|softmax|cross_entropy|log_softmax|fill"),
+]
+
+
+def _profile(step, first: int, n: int, path: str) -> str:
+    """Profile n steps; write the kernel table to path; return a one-line summary (per step)."""
+    import re
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for i in range(n):
+            step(first + i)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / n
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) / n / 1e3  # ms per step
+    launches = sum(e.count for e in kernels) / n
+    cats: dict = {}
+    for e in kernels:
+        name = e.key.lower()
+        cat = next((c for c, pat in _CATEGORIES if re.search(pat, name)), "other")
+        cats[cat] = cats.get(cat, 0.0) + e.self_device_time_total / n / 1e3
+    split = " ".join(f"{c} {v:.1f}" for c, v in sorted(cats.items(), key=lambda kv: -kv[1]))
+    line = (f"wall {1e3 * wall:.1f} ms/step, GPU kernels {total:.1f} ms ({100 * total / (1e3 * wall):.0f}% busy), "
+            f"{launches:.0f} kernels/step; ms: {split}")
+    with open(path, "w") as f:
+        f.write(line + "\n\n")
+        for key, rows in (("self_device_time_total", 60), ("cpu_time_total", 40)):
+            try:
+                f.write(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90) + "\n")
+            except Exception as e:  # the sort keys' names moved between torch versions
+                f.write(f"(table by {key}: {e})\n")
+    return line
 
 
 def _config(name: str, args):
@@ -133,6 +183,9 @@ def run_anchor(cfg, args) -> dict:
     times, warm = _time(step, args.warmup, args.steps)
     row = {"n_params": n_params, "times": times, "warmup_s": warm,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if args.profile:
+        row["profile"] = _profile(step, args.warmup + args.steps, 3,
+                                  os.path.join(args.profile, f"{args.name}-anchor.txt"))
     del model, opt, batches
     return row
 
@@ -156,10 +209,16 @@ def run_ours(cfg, derived, args) -> dict:
         batches = random_packed_batches(4, args.batch, args.seqlen, cfg.model.vocab_size, args.docs_per_row,
                                         "cuda")
         training.model.train()
-        times, warm = _time(lambda i: T.train_step(training, [batches[i % len(batches)]], dims, True, fused_ce),
-                            args.warmup, args.steps)
+
+        def step(i):
+            return T.train_step(training, [batches[i % len(batches)]], dims, True, fused_ce)
+
+        times, warm = _time(step, args.warmup, args.steps)
         row = {"n_params": n_params, "times": times, "warmup_s": warm,
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "fused_ce": fused_ce}
+        if args.profile:
+            row["profile"] = _profile(step, args.warmup + args.steps, 3,
+                                      os.path.join(args.profile, f"{args.name}-ours.txt"))
         del training, model, batches
         return row
     finally:
@@ -177,6 +236,7 @@ def _summary(name: str, who: str, r: dict, cfg, args, peak: float) -> dict:
             "ms_median": 1e3 * statistics.median(r["times"]), "peak_gib": r["peak_gib"],
             "tflops_6n": 6 * r["n_params"] * tok_s / 1e12, "tflops_ssm": ssm * tok_s / 1e12,
             "mfu": ssm * tok_s / peak, "params_M": r["n_params"] / 1e6, "warmup_s": r["warmup_s"],
+            **({"profile": r["profile"]} if "profile" in r else {}),
             **({"fused_ce": r["fused_ce"]} if "fused_ce" in r else {})}
 
 
@@ -200,7 +260,10 @@ def main(argv=None) -> int:
     print(f"{'size':<8} {'who':<7} {'tokens/s':>10} {'ms/step':>8} {'peak GiB':>8} {'TF/s 6N':>8} {'TF/s SSM':>9} "
           f"{'MFU':>7} {'ours/anchor':>7} {'mem':>5}", flush=True)
     rows = []
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     for name in args.sizes:
+        args.name = name
         cfg, derived = _config(name, args)
         got = {}
         for who, fn in (("anchor", lambda: run_anchor(cfg, args)), ("ours", lambda: run_ours(cfg, derived, args))):
@@ -218,6 +281,8 @@ def main(argv=None) -> int:
                 got[who]["ratio"] = got[who]["tokens_per_s"] / got["anchor"]["tokens_per_s"]
                 got[who]["mem_ratio"] = got[who]["peak_gib"] / got["anchor"]["peak_gib"]
             print(_fmt(got[who]), flush=True)
+            if "profile" in got[who]:
+                print(f"{'':<8} {who:<7} profile: {got[who]['profile']}", flush=True)
             rows.append(got[who])
             if args.json:  # after every row: a run cut short keeps what it measured
                 with open(args.json, "w") as f:
