@@ -115,7 +115,7 @@ def _profile(step, first: int, n: int, path: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         t = time.perf_counter()
         for i in range(n):
             step(first + i)
@@ -134,9 +134,11 @@ def _profile(step, first: int, n: int, path: str) -> str:
             f"{launches:.0f} kernels/step; ms: {split}")
     with open(path, "w") as f:
         f.write(line + "\n\n")
-        for key, rows in (("self_device_time_total", 60), ("cpu_time_total", 40)):
+        for key, rows, by_shape in (("self_device_time_total", 60, False), ("cpu_time_total", 40, False),
+                                    ("self_device_time_total", 80, True)):
             try:
-                f.write(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=90) + "\n")
+                f.write(prof.key_averages(group_by_input_shape=by_shape).table(
+                    sort_by=key, row_limit=rows, max_name_column_width=60, max_shapes_column_width=80) + "\n")
             except Exception as e:  # the sort keys' names moved between torch versions
                 f.write(f"(table by {key}: {e})\n")
     return line

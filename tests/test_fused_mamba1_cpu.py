@@ -1,12 +1,12 @@
-"""CPU check of ops/fused_mamba1.py (the Mamba-1 mixer between in_proj and out_proj as one autograd function), with
+"""CPU check of ops/fused_mamba1.py (the Mamba-1 mixer, in_proj to out_proj, as one autograd function), with
 the CUDA entry points it calls replaced by emulators: selective_scan_cuda.fwd / bwd and causal_conv1d's
 cpp_functions.causal_conv1d_fwd_function / causal_conv1d_bwd_function. Each emulator has the signature, the
 return tuple, the input checks (dtypes, strides, channel-last constraints) and the output layouts
 (torch.empty_like of the same argument) of the real one in mamba_ssm 2.3.2 / causal_conv1d 1.7.0, and the
 kernel's math taken from ops/reference.py: no resets in the scan, the pre-gate `out` the backward reads for dz.
 
-The function's own work (layouts, x_proj / dt_proj and their gradients, recomputation, the exact document reset
-at the start positions with its hand-written gradients) is checked in fp32 against the pure-PyTorch twin
+The function's own work (the feature-major layouts, the projections and their gradients, recomputation, the conv's
+fix-up columns and the scan's exact reset at the start positions with their hand-written gradients) is checked in fp32 against the pure-PyTorch twin
 ops/reference_mamba1.py with true resets, and against running each document alone. The real kernels are checked
 the same way in tests/test_gpu_fused_mamba1.py."""
 
@@ -103,8 +103,8 @@ def _scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, x, out, dz, delta_softp
     result = [du, ddelta, grads["A"], dB, dC, grads.get("D"), grads.get("delta_bias")]
     if z is not None:
         result.append(dz)
-    if recompute_out_z:
-        result.append(None if z is None else (out.float() * F.silu(z.float())).to(out.dtype))
+    if recompute_out_z:  # torch::empty_like(out): out's layout
+        result.append(None if z is None else torch.empty_like(out).copy_(out.float() * F.silu(z.float())))
     return result
 
 
@@ -164,16 +164,21 @@ def emulated_kernels(monkeypatch):
     conv.cpp_functions = cpp
     for name, mod in {"selective_scan_cuda": scan, "causal_conv1d": conv, "causal_conv1d.cpp_functions": cpp}.items():
         monkeypatch.setitem(sys.modules, name, mod)
-    fused._starts_cache[0] = None
+    fused._starts_cache[0] = fused_mamba1._packing_cache[0] = None
     yield
-    fused._starts_cache[0] = None
+    fused._starts_cache[0] = fused_mamba1._packing_cache[0] = None
 
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def _weights(d=16, N=4, r=3, W=4, seed=0, conv_bias=True, dt_bias=True, with_D=True):
+D_MODEL = 8
+
+
+def _weights(d=16, N=4, r=3, W=4, seed=0, conv_bias=True, dt_bias=True, with_D=True, proj_bias=False):
     g = torch.Generator().manual_seed(seed)
     w = {
+        "in_proj_weight": torch.randn(2 * d, D_MODEL, generator=g) * D_MODEL ** -0.5,
+        "in_proj_bias": torch.randn(2 * d, generator=g) * 0.2 if proj_bias else None,
         "conv_weight": torch.randn(d, 1, W, generator=g) * 0.5,
         "conv_bias": torch.randn(d, generator=g) * 0.2 if conv_bias else None,
         "x_proj_weight": torch.randn(r + 2 * N, d, generator=g) * d ** -0.5,
@@ -182,33 +187,41 @@ def _weights(d=16, N=4, r=3, W=4, seed=0, conv_bias=True, dt_bias=True, with_D=T
         # some |A| < 1 (the reset dt scales with 1 / min |A|), some large
         "A_log": torch.randn(d, N, generator=g) * 1.5,
         "D": torch.randn(d, generator=g) if with_D else None,
+        "out_proj_weight": torch.randn(D_MODEL, d, generator=g) * d ** -0.5,
+        "out_proj_bias": torch.randn(D_MODEL, generator=g) * 0.2 if proj_bias else None,
     }
     if dt_bias:
         w["dt_proj_bias"][0] = 25.0  # softplus pass-through (> 20) at the start positions too
     return {k: v.requires_grad_() for k, v in w.items() if v is not None}
 
 
-def _run(fn, xz, w, seq_idx, wout):
-    xz = xz.detach().clone().requires_grad_()
-    A = -torch.exp(w["A_log"])
-    y = fn(xz, w["conv_weight"], w.get("conv_bias"), w["x_proj_weight"], w["dt_proj_weight"], w.get("dt_proj_bias"),
-           A, w.get("D"), seq_idx)
-    leaves = {"xz": xz, **w}
+def _args(w):
+    return (w["in_proj_weight"], w.get("in_proj_bias"), w["conv_weight"], w.get("conv_bias"), w["x_proj_weight"],
+            w["dt_proj_weight"], w.get("dt_proj_bias"), w["out_proj_weight"], w.get("out_proj_bias"),
+            -torch.exp(w["A_log"]), w.get("D"))
+
+
+def _run(fn, h, w, seq_idx, wout):
+    h = h.detach().clone().requires_grad_()
+    y = fn(h, *_args(w), seq_idx)
+    leaves = {"h": h, **w}
     grads = torch.autograd.grad((y * wout).sum(), list(leaves.values()))
     return y, dict(zip(leaves, grads))
 
 
-@pytest.mark.parametrize("variant", ["packed", "packed_no_D", "packed_no_biases", "unpacked"])
+@pytest.mark.parametrize("variant", ["packed", "packed_no_D", "packed_no_biases", "packed_proj_biases",
+                                     "packed_width_2", "unpacked"])
 def test_inner_matches_reference_twin(emulated_kernels, variant):
     torch.manual_seed(0)
     w = _weights(with_D=variant != "packed_no_D", conv_bias=variant != "packed_no_biases",
-                 dt_bias=variant != "packed_no_biases")
+                 dt_bias=variant != "packed_no_biases", proj_bias=variant == "packed_proj_biases",
+                 W=2 if variant == "packed_width_2" else 4)
     seq_idx = None if variant == "unpacked" else seq_idx_from_lengths(LAYOUTS)
-    xz = torch.randn(len(LAYOUTS), L, 32)
-    wout = torch.randn(len(LAYOUTS), L, 16)
-    y_f, g_f = _run(fused_mamba1.mamba1_inner, xz, w, seq_idx, wout)
-    y_r, g_r = _run(reference_mamba1.mamba1_inner, xz, w, seq_idx, wout)
-    assert y_f.shape == y_r.shape == (len(LAYOUTS), L, 16)
+    h = torch.randn(len(LAYOUTS), L, D_MODEL)
+    wout = torch.randn(len(LAYOUTS), L, D_MODEL)
+    y_f, g_f = _run(fused_mamba1.mamba1_inner, h, w, seq_idx, wout)
+    y_r, g_r = _run(reference_mamba1.mamba1_inner, h, w, seq_idx, wout)
+    assert y_f.shape == y_r.shape == (len(LAYOUTS), L, D_MODEL)
     assert rel(y_f, y_r) <= TOL, rel(y_f, y_r)
     errs = {k: rel(g_f[k], g_r[k]) for k in g_r}
     assert max(errs.values()) <= TOL, errs
@@ -219,14 +232,14 @@ def test_inner_packed_equals_each_document_alone(emulated_kernels):
     torch.manual_seed(1)
     w = _weights(seed=1)
     layout = LAYOUTS[0]
-    xz, wout = torch.randn(1, L, 32), torch.randn(1, L, 16)
-    y_p, g_p = _run(fused_mamba1.mamba1_inner, xz, w, seq_idx_from_lengths([layout]), wout)
+    h, wout = torch.randn(1, L, D_MODEL), torch.randn(1, L, D_MODEL)
+    y_p, g_p = _run(fused_mamba1.mamba1_inner, h, w, seq_idx_from_lengths([layout]), wout)
     start, sums = 0, {k: torch.zeros_like(v) for k, v in w.items()}
     for n in layout:
         span = slice(start, start + n)
-        y_d, g_d = _run(fused_mamba1.mamba1_inner, xz[:, span], w, None, wout[:, span])
+        y_d, g_d = _run(fused_mamba1.mamba1_inner, h[:, span], w, None, wout[:, span])
         assert rel(y_p[:, span], y_d) <= TOL
-        assert rel(g_p["xz"][:, span], g_d["xz"]) <= TOL
+        assert rel(g_p["h"][:, span], g_d["h"]) <= TOL
         for k in sums:
             sums[k] += g_d[k]
         start += n
@@ -239,13 +252,11 @@ def test_inner_reset_drops_a_huge_state_exactly(emulated_kernels):
     w = _weights(seed=2)
     with torch.no_grad():
         w["A_log"][:, 0] = -8.0  # |A| ~ 3e-4: the reset dt must scale up to 200 / |A|
-    xz = torch.randn(1, L, 32)
-    xz[:, :5, :16] *= 1e8
+    h = torch.randn(1, L, D_MODEL)
+    h[:, :5] *= 1e8
     seq_idx = seq_idx_from_lengths([[5, L - 5]])
-    args = [w["conv_weight"], w["conv_bias"], w["x_proj_weight"], w["dt_proj_weight"], w["dt_proj_bias"],
-            -torch.exp(w["A_log"]), w["D"]]
-    y = fused_mamba1.mamba1_inner(xz, *args, seq_idx)
-    alone = reference_mamba1.mamba1_inner(xz[:, 5:], *args, None)
+    y = fused_mamba1.mamba1_inner(h, *_args(w), seq_idx)
+    alone = reference_mamba1.mamba1_inner(h[:, 5:], *_args(w), None)
     assert rel(y[:, 5:], alone) <= TOL
 
 
@@ -273,11 +284,9 @@ def test_mixer_inner_fn_equals_op_by_op_path(emulated_kernels, backend):
 
 
 def test_inner_rejects_unsupported_shapes(emulated_kernels):
-    w = _weights(d=12)  # d_inner % 8 != 0: the channel-last conv cannot take it
-    A = -torch.exp(w["A_log"])
+    w = _weights(d=12)  # d_inner % 8 != 0: the kernels' vector loads cannot take it
     with pytest.raises(ValueError, match="d_inner % 8"):
-        fused_mamba1.mamba1_inner(torch.randn(1, 8, 24), w["conv_weight"], w["conv_bias"], w["x_proj_weight"],
-                                  w["dt_proj_weight"], w["dt_proj_bias"], A, w["D"], None)
+        fused_mamba1.mamba1_inner(torch.randn(1, 8, D_MODEL), *_args(w), None)
 
 
 def test_inner_bf16_autocast_dtypes(emulated_kernels):
@@ -288,16 +297,16 @@ def test_inner_bf16_autocast_dtypes(emulated_kernels):
     torch.manual_seed(4)
     w = _weights(seed=4)
     seq_idx = seq_idx_from_lengths(LAYOUTS)
-    xz, wout = torch.randn(len(LAYOUTS), L, 32), torch.randn(len(LAYOUTS), L, 16)
+    h, wout = torch.randn(len(LAYOUTS), L, D_MODEL), torch.randn(len(LAYOUTS), L, D_MODEL)
 
     def run16(fn):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, g = _run(fn, xz.bfloat16(), w, seq_idx, wout)
-        assert y.dtype == torch.bfloat16 and g["xz"].dtype == torch.bfloat16
+            y, g = _run(fn, h.bfloat16(), w, seq_idx, wout)
+        assert y.dtype == torch.bfloat16 and g["h"].dtype == torch.bfloat16
         assert all(g[k].dtype == torch.float32 for k in w)
         return y, g
 
-    y_t, g_t = _run(reference_mamba1.mamba1_inner, xz, w, seq_idx, wout)
+    y_t, g_t = _run(reference_mamba1.mamba1_inner, h, w, seq_idx, wout)
     y_r, g_r = run16(reference_mamba1.mamba1_inner)
     y_f, g_f = run16(fused_mamba1.mamba1_inner)
     assert rel(y_f, y_t) <= 2 * rel(y_r, y_t) + 1e-3

@@ -1,5 +1,5 @@
-"""GPU: ops/fused_mamba1.py `mamba1_inner` (one autograd function over mamba_ssm's selective_scan_cuda and
-causal_conv1d's channel-last kernels, exact document resets) against its pure-PyTorch twin
+"""GPU: ops/fused_mamba1.py `mamba1_inner` (the Mamba-1 mixer as one autograd function over mamba_ssm's
+selective_scan_cuda and causal_conv1d's channel-first kernels, feature-major layout, exact document resets) against its pure-PyTorch twin
 ops/reference_mamba1.py. Needs CUDA and the kernels; skipped elsewhere. Through the device tool:
   here:   bash ../shared/gpu/stage-kernels mamba conv
   device: source .kernels/use-kernels; python3 -m pytest -q -s -m gpu tests/test_gpu_fused_mamba1.py
@@ -34,7 +34,7 @@ BF16_RATIO, BF16_FLOOR = 2.0, 1e-3
 # 1-token documents, starts at positions 2 and 5 (inside / just past the conv window of width 4), one document
 L = 2100
 LAYOUTS = [[1, 2047, 1, 51], [1000, 1, 1099], [2, 3, 2095], [L]]
-D_INNER, N, R = 64, 16, 4
+D_MODEL, D_INNER, N, R = 32, 64, 16, 4
 
 
 def rel(a, b):
@@ -57,6 +57,7 @@ def _fused():
 def weights(with_D=True):
     g = torch.Generator(DEV).manual_seed(0)
     w = {
+        "in_proj_weight": torch.randn(2 * D_INNER, D_MODEL, generator=g, device=DEV) * D_MODEL ** -0.5,
         "conv_weight": torch.randn(D_INNER, 1, 4, generator=g, device=DEV) * 0.5,
         "conv_bias": torch.randn(D_INNER, generator=g, device=DEV) * 0.2,
         "x_proj_weight": torch.randn(R + 2 * N, D_INNER, generator=g, device=DEV) * D_INNER ** -0.5,
@@ -65,51 +66,53 @@ def weights(with_D=True):
         # A_log around log(1..N) as initialised, some channels with |A| < 1
         "A_log": torch.randn(D_INNER, N, generator=g, device=DEV) * 0.5 + torch.linspace(-1, 2.7, N, device=DEV),
         "D": torch.randn(D_INNER, generator=g, device=DEV) if with_D else None,
+        "out_proj_weight": torch.randn(D_MODEL, D_INNER, generator=g, device=DEV) * D_INNER ** -0.5,
     }
     return {k: v.requires_grad_() for k, v in w.items() if v is not None}
 
 
-def run(fn, xz, w, seq_idx, wout, bf16=False):
-    xz = xz.detach().clone().requires_grad_()
+def run(fn, h, w, seq_idx, wout, bf16=False):
+    h = h.detach().clone().requires_grad_()
     with torch.autocast(DEV, dtype=torch.bfloat16, enabled=bf16):
-        y = fn(xz, w["conv_weight"], w["conv_bias"], w["x_proj_weight"], w["dt_proj_weight"], w["dt_proj_bias"],
-               -torch.exp(w["A_log"]), w.get("D"), seq_idx)
-    leaves = {"xz": xz, **w}
+        y = fn(h, w["in_proj_weight"], None, w["conv_weight"], w["conv_bias"], w["x_proj_weight"],
+               w["dt_proj_weight"], w["dt_proj_bias"], w["out_proj_weight"], None, -torch.exp(w["A_log"]),
+               w.get("D"), seq_idx)
+    leaves = {"h": h, **w}
     grads = torch.autograd.grad((y.float() * wout).sum(), list(leaves.values()))
     return y.detach().float(), dict(zip(leaves, grads))
 
 
 def inputs(rows):
     g = torch.Generator(DEV).manual_seed(1)
-    return (torch.randn(rows, L, 2 * D_INNER, generator=g, device=DEV),
-            torch.randn(rows, L, D_INNER, generator=g, device=DEV))
+    return (torch.randn(rows, L, D_MODEL, generator=g, device=DEV),
+            torch.randn(rows, L, D_MODEL, generator=g, device=DEV))
 
 
 @pytest.mark.parametrize("variant", ["packed", "packed_no_D", "unpacked"])
 def test_inner_fused_vs_reference(variant):
     w = weights(with_D=variant != "packed_no_D")
     seq_idx = None if variant == "unpacked" else seq_idx_from_lengths(LAYOUTS, device=DEV)
-    xz, wout = inputs(len(LAYOUTS))
-    y_f, g_f = run(_fused().mamba1_inner, xz, w, seq_idx, wout)
-    y_r, g_r = run(reference_mamba1.mamba1_inner, xz, w, seq_idx, wout)
+    h, wout = inputs(len(LAYOUTS))
+    y_f, g_f = run(_fused().mamba1_inner, h, w, seq_idx, wout)
+    y_r, g_r = run(reference_mamba1.mamba1_inner, h, w, seq_idx, wout)
     errors = {"out": rel(y_f, y_r), **{f"d{k}": rel(g_f[k], g_r[k]) for k in g_r}}
     check(f"mamba1_inner {variant} fp32", errors, dict.fromkeys(errors, TOL_FP32))
 
 
 def test_inner_packed_equals_documents():
     w = weights()
-    xz, wout = inputs(len(LAYOUTS))
+    h, wout = inputs(len(LAYOUTS))
     seq_idx = seq_idx_from_lengths(LAYOUTS, device=DEV)
-    y_p, g_p = run(_fused().mamba1_inner, xz, w, seq_idx, wout)
+    y_p, g_p = run(_fused().mamba1_inner, h, w, seq_idx, wout)
     errors = {}
     g_sum = {k: torch.zeros_like(v) for k, v in w.items()}
     for row, layout in enumerate(LAYOUTS):
         start = 0
         for n in layout:
             sl = slice(start, start + n)
-            y_d, g_d = run(_fused().mamba1_inner, xz[row:row + 1, sl], w, None, wout[row:row + 1, sl])
+            y_d, g_d = run(_fused().mamba1_inner, h[row:row + 1, sl], w, None, wout[row:row + 1, sl])
             errors[f"row{row} [{start}:{start + n}] out"] = rel(y_p[row:row + 1, sl], y_d)
-            errors[f"row{row} [{start}:{start + n}] dxz"] = rel(g_p["xz"][row:row + 1, sl], g_d["xz"])
+            errors[f"row{row} [{start}:{start + n}] dh"] = rel(g_p["h"][row:row + 1, sl], g_d["h"])
             for k in g_sum:
                 g_sum[k] += g_d[k]
             start += n
@@ -119,12 +122,12 @@ def test_inner_packed_equals_documents():
 
 def test_inner_bf16_autocast():
     w = weights()
-    xz, wout = inputs(len(LAYOUTS))
+    h, wout = inputs(len(LAYOUTS))
     seq_idx = seq_idx_from_lengths(LAYOUTS, device=DEV)
-    truth = run(reference_mamba1.mamba1_inner, xz, w, seq_idx, wout)
-    # both get what in_proj hands them under autocast: a bf16 xz
-    ref16 = run(reference_mamba1.mamba1_inner, xz.bfloat16(), w, seq_idx, wout, bf16=True)
-    fus16 = run(_fused().mamba1_inner, xz.bfloat16(), w, seq_idx, wout, bf16=True)
+    truth = run(reference_mamba1.mamba1_inner, h, w, seq_idx, wout)
+    # both get what the norm hands them under autocast: bf16 hidden states
+    ref16 = run(reference_mamba1.mamba1_inner, h.bfloat16(), w, seq_idx, wout, bf16=True)
+    fus16 = run(_fused().mamba1_inner, h.bfloat16(), w, seq_idx, wout, bf16=True)
     names = ["out", *truth[1]]
 
     def pick(r, n):

@@ -42,8 +42,8 @@ class Mamba(nn.Module):
         self.layer_idx = layer_idx
         self.backend = backend
         self.activation = "silu"
-        # use_fast_path (mamba_ssm: mamba_inner_fn) switches our own equivalent, ops.mamba1_inner: everything
-        # between in_proj and out_proj as one function. It reads the conv1d / x_proj / dt_proj weights directly,
+        # use_fast_path (mamba_ssm: mamba_inner_fn) switches our own equivalent, ops.mamba1_inner: the whole
+        # mixer, in_proj to out_proj, as one function. It reads every submodule's weight directly,
         # which tensor parallelism (swaps those submodules) and ZeRO-3 (gathers a weight only around its own
         # module's forward) cannot see: both set use_inner_fn = False and get the op-by-op path.
         self.use_inner_fn = bool(use_fast_path)
@@ -78,12 +78,12 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden_states (B, L, d_model), seq_idx (B, L) int32 or None -> (B, L, d_model)."""
         ops = kernels(self.backend)
-        xz = self.in_proj(hidden_states)
         A = -torch.exp(self.A_log.float())
         if self.use_inner_fn and self.d_inner % 8 == 0 and 2 <= self.d_conv <= 4:  # the fused kernels' limits
-            y = ops.mamba1_inner(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                                 self.dt_proj.bias, A, self.D.float(), seq_idx)
-            return self.out_proj(y)
+            return ops.mamba1_inner(hidden_states, self.in_proj.weight, self.in_proj.bias, self.conv1d.weight,
+                                    self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias,
+                                    self.out_proj.weight, self.out_proj.bias, A, self.D.float(), seq_idx)
+        xz = self.in_proj(hidden_states)
         x, z = torch.split(xz, [self.d_inner, self.d_inner], dim=-1)
         x = self.conv1d(x.transpose(1, 2), seq_idx)  # (B, d_inner, L), SiLU applied
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2 d_state)

@@ -1,10 +1,20 @@
-"""The Mamba-1 mixer between in_proj and out_proj as one autograd function (the fused backend's `mamba1_inner`):
-channel-last causal conv1d + SiLU (seq_idx restarts) -> x_proj -> dt_proj -> selective scan with exact document
-resets -> SiLU(z) gate. mamba_ssm's `mamba_inner_fn` is the model; what differs:
+"""The Mamba-1 mixer as one autograd function (the fused backend's `mamba1_inner`), in_proj to out_proj:
+in_proj -> causal conv1d + SiLU -> x_proj -> dt_proj -> selective scan with exact document resets -> SiLU(z) gate
+-> out_proj. mamba_ssm's `mamba_inner_fn` is the model; what differs:
 
-- Packed rows. The scan kernel has no reset; the construction of ops/fused.py `selective_scan` (see its docstring)
-  is applied here to the R document-start positions only, in place on tensors this function owns, with its
-  gradients written by hand in backward: no (B, D, L)-sized index_put copies, no autograd graph around the kernel.
+- Layout: feature-major from end to end, with no transposing copy of a (B, D, L)-sized tensor, forward or
+  backward. in_proj is computed as W_in @ h^T, so xz is a (2D, B*L) matrix ("_mem" below); its (B, D, L) views
+  have stride(-1) == 1, which the conv and scan kernels read directly, and their outputs (empty_like of those
+  views) keep the layout. x_proj, dt_proj, out_proj and every weight gradient are matmuls on these matrices
+  (cuBLAS takes the transposes as flags); B and C go to the scan as strided views of x_proj's output, the kernels'
+  dB / dC come back in the same layout. (mamba_inner_fn copies its conv output and out_z once each way.)
+- Conv resets. Only causal_conv1d's channel-last kernel takes seq_idx, and the channel-last layout is what forced
+  transposes. So the conv runs channel-first without resets and the few outputs whose window crosses a document
+  start (the first W - 1 positions of each document, "fix-up columns") are recomputed from their in-document
+  inputs and overwritten ((D, F) tensors, F <= (W - 1) x starts). In backward the incoming gradient is zeroed at
+  those columns before the kernel and their exact contributions to dx, dweight and dbias are added by hand.
+- Scan resets: the construction of ops/fused.py `selective_scan` (see its docstring) applied to the R
+  document-start positions only, in place on tensors this function owns, with its gradients written by hand:
   At a start (b, t), for every channel:
     forward   delta[b,:,t] <- v with dt_new = v + delta_bias >= 64 and dt_new * min|A| >= 200, so
               exp(dt_new A) == 0 in fp32 (the previous document's state is dropped exactly, both ways);
@@ -17,15 +27,15 @@ resets -> SiLU(z) gate. mamba_ssm's `mamba_inner_fn` is the model; what differs:
               ddelta_bias += sum_starts (ddelta - ddelta_kernel) (the kernel summed its own share of the start
               positions into ddelta_bias; dt_new is a constant);  dD += sum_starts g (u - u_new).
   dA is exact without a fix-up: the kernel's dA terms at a start carry the factor exp(dt_new A) == 0.
-- The conv is always causal_conv1d's channel-last path (the only one with seq_idx): x is in_proj's output viewed
-  as (B, D, L) with stride(1) == 1, so it goes in without a copy, x_proj reads the conv output as a (B*L, D)
-  matrix without a copy, and the conv's dx is written straight into the (B, L, 2D) gradient of in_proj's output.
-  The scan wants L-contiguous u and z: one copy each (the only layout copies of the forward).
-- in_proj and out_proj stay module calls in the mixer (tensor parallelism / ZeRO-3 see them); the function reads
-  conv1d / x_proj / dt_proj weights directly, so TP shards and ZeRO-3 switch it off (Mamba.use_inner_fn).
-- checkpoint_lvl=1 as mamba_inner_fn: the conv output and delta are recomputed in backward (and the L-contiguous
-  z copy), not saved. Saved: in_proj's output xz, x_dbl, B, C, the scan's chunk states, its pre-gate output, and
-  (R, D)-sized tensors for the reset.
+  The rewrite of u is done on the conv output after x_proj has read it, and undone in backward once the scan's
+  backward is through (x_proj's weight gradient reads the true conv output).
+- The function reads every weight of the mixer directly, so tensor parallelism (swapped submodules with their
+  own reduces) and ZeRO-3 (a weight gathered only around its own module's forward) switch it off
+  (Mamba.use_inner_fn).
+- Recomputation as mamba_inner_fn's checkpoint_lvl=1: the conv output, delta and out_z are recomputed in
+  backward, not saved. Saved: in_proj's input and output, x_proj's output, the scan's chunk states and pre-gate
+  output, the fp32 weights (cast again in backward rather than keeping bf16 copies alive), (R, D) / (D, F) tensors
+  for the resets.
 
 Kernel entry points used (signatures of mamba_ssm 2.3.2 / causal_conv1d 1.7.0, read from their C++ bindings):
   selective_scan_cuda.fwd(u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus) -> [out, x, out_z (if z)]
@@ -36,7 +46,7 @@ Kernel entry points used (signatures of mamba_ssm 2.3.2 / causal_conv1d 1.7.0, r
   causal_conv1d.cpp_functions.causal_conv1d_bwd_function(x, weight, bias?, dout, seq_idx?, initial_states?,
       dfinal_states?, dx?, return_dinitial_states, silu_activation) -> (dx, dweight, dbias, dinitial_states)
 Both packages are imported inside the functions (they do not import without CUDA); tests/test_fused_mamba1_cpu.py
-runs this module on CPU against emulators of exactly these entry points.
+runs this module on CPU against emulators of exactly these entry points (their checks and output layouts).
 """
 
 from __future__ import annotations
@@ -61,13 +71,79 @@ def _fused():
     return fused
 
 
+def _bcl(m: Tensor, Bsz: int) -> Tensor:
+    """A feature-major (C, B*L) matrix as the (B, C, L) view the kernels take (stride(-1) == 1)."""
+    return m.view(m.shape[0], Bsz, m.shape[1] // Bsz).transpose(0, 1)
+
+
+def _mem(t: Tensor) -> Tensor:
+    """The (C, B*L) matrix under a (B, C, L) tensor laid out feature-major (.view raises if it is not)."""
+    return t.transpose(0, 1).view(t.shape[1], t.shape[0] * t.shape[2])
+
+
 def _rows(x: Tensor, b: Tensor, t: Tensor) -> Tensor:
     """(R, D) values of a (B, D, L) tensor at the start positions (b, t)."""
     return x[b, :, t]
 
 
+class _Packing:
+    """Where a packed batch needs fix-ups, found once per batch (one host sync, cached per seq_idx object: every
+    layer of a forward and of an activation-recomputation replay gets the same seq_idx tensor).
+    starts: (b, t) of the tokens that start a document after position 0 of their row (the scan's resets).
+    conv fix-up columns: the positions p whose conv window [p - W + 1, p] crosses a document start, as columns
+    b * L + p of the feature-major matrices; win_col / win_ok (F, W): the window's k-th input x[p - k] and whether
+    it is in p's document; ucol / inv: the distinct window columns, and each window entry's index among them (so
+    gradients add up in fp32 without a per-layer sync)."""
+
+    def __init__(self, seq_idx: Tensor, W: int):
+        Bsz, L = seq_idx.shape
+        dev = seq_idx.device
+        pos = torch.arange(L, device=dev)
+        start = torch.zeros_like(seq_idx, dtype=torch.bool)
+        start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        crossed = seq_idx != seq_idx[:, (pos - (W - 1)).clamp_min(0)]  # non-decreasing ids: the window's oldest
+        self.b, self.t = start.nonzero(as_tuple=True)  # host sync (the number of starts)
+        fb, fp = crossed.nonzero(as_tuple=True)
+        self.fcol = fb * L + fp
+        k = torch.arange(W, device=dev)
+        tk = fp[:, None] - k  # (F, W): x[p - k]
+        self.win_col = fb[:, None] * L + tk.clamp_min(0)
+        self.win_ok = (tk >= 0) & (seq_idx[fb[:, None], tk.clamp_min(0)] == seq_idx[fb, fp][:, None])
+        self.ucol, self.inv = torch.unique(self.win_col.flatten(), return_inverse=True)
+        self.n_starts = self.b.numel()
+
+
+_packing_cache: list = [None]
+
+
+def _packing(seq_idx: Tensor, W: int) -> _Packing:
+    hit = _packing_cache[0]
+    if hit is not None and hit[0] is seq_idx and hit[1] == seq_idx._version and hit[2] == W:
+        return hit[3]
+    pk = _Packing(seq_idx, W)
+    _packing_cache[0] = (seq_idx, seq_idx._version, W, pk)  # holding seq_idx keeps its memory from reuse
+    return pk
+
+
+def _conv_windows(x_mem: Tensor, pk: _Packing, conv_w: Tensor, conv_bias: Optional[Tensor]):
+    """The fix-up columns' in-document conv windows (D, F, W) in fp32 and pre-activations (D, F)."""
+    D, W = conv_w.shape
+    xw = x_mem[:, pk.win_col.flatten()].view(D, -1, W).float() * pk.win_ok
+    pre = (xw * conv_w.float().flip(-1)[:, None, :]).sum(-1)  # weight column W-1-k multiplies x[p - k]
+    if conv_bias is not None:
+        pre = pre + conv_bias.float()[:, None]
+    return xw, pre
+
+
+def _conv_fix_(conv_mem: Tensor, x_mem: Tensor, pk: _Packing, conv_w: Tensor, conv_bias: Optional[Tensor]):
+    """Overwrite the conv output at the fix-up columns with its in-document value; returns (xw, pre)."""
+    xw, pre = _conv_windows(x_mem, pk, conv_w, conv_bias)
+    conv_mem[:, pk.fcol] = F.silu(pre).to(conv_mem.dtype)
+    return xw, pre
+
+
 class _Reset:
-    """The reset's per-start state, (R, D) tensors (plus dt_new (D,))."""
+    """The scan reset's per-start state, (R, D) tensors (plus dt_new (D,))."""
 
     def __init__(self, b, t, u_r, u_new, pre, dt_new, v):
         self.b, self.t, self.u_r, self.u_new, self.pre, self.dt_new, self.v = b, t, u_r, u_new, pre, dt_new, v
@@ -100,57 +176,63 @@ def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], 
     return _Reset(b, t, u_r, u_new, pre, dt_new, v)
 
 
-def _reapply_(u: Tensor, delta: Tensor, rs: _Reset) -> None:
-    """The same rewrite on the recomputed u and delta in backward (bit-identical to the forward's)."""
-    u[rs.b, :, rs.t] = rs.u_new
-    delta[rs.b, :, rs.t] = rs.v.expand_as(rs.u_new)
+def _linear_t(w: Tensor, x_t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(W x^T) with x^T given feature-major: (out, in) @ (in, n) [+ bias per row] -> (out, n)."""
+    return torch.addmm(bias[:, None], w, x_t) if bias is not None else w @ x_t
 
 
 class _Mamba1Inner(torch.autograd.Function):
 
     @staticmethod
     @_custom_fwd
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx):
+    def forward(ctx, h, in_w, in_b, conv_weight, conv_bias, x_proj_w, dt_proj_w, dt_proj_bias, out_w, out_b, A, D,
+                seq_idx):
         import selective_scan_cuda
         from causal_conv1d.cpp_functions import causal_conv1d_fwd_function
 
-        dev = xz.device.type
-        # as mamba_inner_fn: the matmul weights in the autocast dtype (and xz, which in_proj under autocast
-        # already is), so that u, delta, B, C and z share the one input dtype the scan kernel accepts
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xz.dtype
-        xz, x_proj_weight, dt_proj_weight = xz.to(dt), x_proj_weight.to(dt), dt_proj_weight.to(dt)
-        if xz.stride(-1) != 1:
-            xz = xz.contiguous()
-        Bsz, L, two_d = xz.shape
-        d = two_d // 2
-        r, N = dt_proj_weight.shape[1], A.shape[1]
+        dev = h.device.type
+        # as mamba_inner_fn: the matmuls in the autocast dtype, so that u, delta, B, C and z share the one input
+        # dtype the scan kernel accepts; the conv weight and bias stay as they are (the conv kernel takes fp32)
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        Bsz, L, d_model = h.shape
+        d = in_w.shape[0] // 2
+        r, N = dt_proj_w.shape[1], A.shape[1]
         conv_w = conv_weight.reshape(d, conv_weight.shape[-1])
-        x_cl = xz[..., :d].transpose(1, 2)  # (B, D, L) channel-last view of in_proj's output
-        seq32 = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+        pk = _packing(seq_idx, conv_w.shape[1]) if seq_idx is not None else None
 
-        conv = causal_conv1d_fwd_function(x_cl, conv_w, conv_bias, seq32, None, None, True)  # channel-last
-        x_dbl = F.linear(conv.transpose(1, 2).reshape(Bsz * L, d), x_proj_weight)  # (B*L, r + 2N)
-        Bm, Cm = _bc(x_dbl, Bsz, L, r, N)
-        u, delta, z = _scan_inputs(conv, x_dbl, dt_proj_weight, xz, Bsz, L, d, r)
+        h2 = h.reshape(Bsz * L, d_model)
+        h2 = h2 if h2.dtype == dt else h2.to(dt)
+        xz = _linear_t(in_w.to(dt), h2.t(), in_b.to(dt) if in_b is not None else None)  # (2D, B*L)
+        x_mem = xz[:d]
+        conv = causal_conv1d_fwd_function(_bcl(x_mem, Bsz), conv_w, conv_bias, None, None, None, True)
+        conv_mem = _mem(conv)
+        if pk is not None and pk.fcol.numel():
+            _conv_fix_(conv_mem, x_mem, pk, conv_w, conv_bias)
+        x_dbl = x_proj_w.to(dt) @ conv_mem  # (r + 2N, B*L)
+        delta = _bcl(dt_proj_w.to(dt) @ x_dbl[:r], Bsz)  # the bias goes in as delta_bias, as in mamba_inner_fn
+        Bm, Cm = _bc(x_dbl, Bsz, r, N)
+        u, z = conv, _bcl(xz[d:], Bsz)
 
         rs = None
-        if seq32 is not None:
-            b_idx, t_idx = _fused()._doc_starts(seq_idx)  # cached per seq_idx object: one host sync per batch
-            if b_idx.numel():
-                rs = _reset_inputs_(u, delta, A, dt_proj_bias, b_idx, t_idx)
+        if pk is not None and pk.n_starts:
+            rs = _reset_inputs_(u, delta, A, dt_proj_bias, pk.b, pk.t)  # u is the conv output: x_proj read it
         out, scan_x, out_z = selective_scan_cuda.fwd(u, delta, A, Bm, Cm, D, z, dt_proj_bias, True)[:3]
         if rs is not None and D is not None:  # the skip term D u at the starts (without D nothing to correct)
             b_idx, t_idx = rs.b, rs.t
             out_r = _rows(out, b_idx, t_idx).float() + D * (rs.u_r.float() - rs.u_new.float())
             out[b_idx, :, t_idx] = out_r.to(out.dtype)  # the pre-gate output the backward's dz reads
             out_z[b_idx, :, t_idx] = (out_r * F.silu(_rows(z, b_idx, t_idx).float())).to(out_z.dtype)
+        out_t = _mem(out_z).t()  # (B*L, D), a transposed view: cuBLAS reads it as is
+        y = torch.addmm(out_b.to(dt), out_t, out_w.to(dt).t()) if out_b is not None else out_t @ out_w.to(dt).t()
 
         ctx.has_reset = rs is not None
-        ctx.dims = (Bsz, L, d, r, N)
-        ctx.save_for_backward(xz, conv_w, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                              Bm, Cm, scan_x, out, seq32, *(rs.tensors() if rs is not None else ()))
+        ctx.pk = pk
+        ctx.dims = (Bsz, L, d, r, N, dt)
+        ctx.input_dtype = h.dtype
+        ctx.save_for_backward(h2, in_w, in_b, xz, conv_w, conv_bias, x_dbl, x_proj_w, dt_proj_w, dt_proj_bias,
+                              out_w, out_b, A, D, scan_x, out, *(rs.tensors() if rs is not None else ()))
         ctx.conv_weight_shape = conv_weight.shape
-        return out_z.transpose(1, 2)  # (B, L, D) for out_proj
+        return y.view(Bsz, L, -1)
 
     @staticmethod
     @_custom_bwd
@@ -158,19 +240,31 @@ class _Mamba1Inner(torch.autograd.Function):
         import selective_scan_cuda
         from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
 
-        (xz, conv_w, conv_bias, x_dbl, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, Bm, Cm, scan_x, out,
-         seq32, *rest) = ctx.saved_tensors
-        Bsz, L, d, r, N = ctx.dims
-        x_cl = xz[..., :d].transpose(1, 2)
-        # recompute (checkpoint_lvl=1): conv output, delta, the L-contiguous u and z, and the reset rewrite
-        conv = causal_conv1d_fwd_function(x_cl, conv_w, conv_bias, seq32, None, None, True)
-        u, delta, z = _scan_inputs(conv, x_dbl, dt_proj_weight, xz, Bsz, L, d, r)
+        (h2, in_w, in_b, xz, conv_w, conv_bias, x_dbl, x_proj_w, dt_proj_w, dt_proj_bias, out_w, out_b, A, D,
+         scan_x, out, *rest) = ctx.saved_tensors
+        Bsz, L, d, r, N, dt = ctx.dims
+        pk = ctx.pk
+        in_w_c, x_proj_w_c, dt_proj_w_c, out_w_c = (w.to(dt) for w in (in_w, x_proj_w, dt_proj_w, out_w))
+        x_mem = xz[:d]
+        # recompute (checkpoint_lvl=1): conv output (with its fix-ups), delta, and the scan reset's rewrite
+        conv = causal_conv1d_fwd_function(_bcl(x_mem, Bsz), conv_w, conv_bias, None, None, None, True)
+        conv_mem = _mem(conv)
+        fix = pk is not None and pk.fcol.numel()
+        if fix:
+            xw, pre_conv = _conv_fix_(conv_mem, x_mem, pk, conv_w, conv_bias)
+        delta = _bcl(dt_proj_w_c @ x_dbl[:r], Bsz)
+        Bm, Cm = _bc(x_dbl, Bsz, r, N)
+        u, z = conv, _bcl(xz[d:], Bsz)
         rs = _Reset(*rest) if ctx.has_reset else None
         if rs is not None:
-            _reapply_(u, delta, rs)
-        dout = dy.transpose(1, 2).contiguous()  # (B, D, L), L-contiguous as the kernel wants
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, dz = selective_scan_cuda.bwd(
-            u, delta, A, Bm, Cm, D, z, dt_proj_bias, dout, scan_x, out, None, True, False)[:8]
+            u[rs.b, :, rs.t] = rs.u_new
+            delta[rs.b, :, rs.t] = rs.v.expand_as(rs.u_new)
+
+        dy2 = dy.reshape(Bsz * L, -1).to(dt)
+        dout = _bcl(out_w_c.t() @ dy2.t(), Bsz)  # (D, B*L): d out_z, feature-major
+        dxz = torch.empty_like(xz)
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, _, out_z = selective_scan_cuda.bwd(
+            u, delta, A, Bm, Cm, D, z, dt_proj_bias, dout, scan_x, out, _bcl(dxz[d:], Bsz), True, True)[:9]
 
         if rs is not None:
             b_idx, t_idx = rs.b, rs.t
@@ -190,53 +284,62 @@ class _Mamba1Inner(torch.autograd.Function):
                 ddelta_bias = ddelta_bias + (ddelta_r - _rows(ddelta, b_idx, t_idx).float()).sum(0)
             du[b_idx, :, t_idx] = du_r.to(du.dtype)
             ddelta[b_idx, :, t_idx] = ddelta_r.to(ddelta.dtype)
+            u[b_idx, :, t_idx] = rs.u_r  # undo the rewrite: x_proj's weight gradient reads the true conv output
 
-        dxz = torch.empty_like(xz)
-        dxz[..., d:].copy_(dz.transpose(1, 2))
-        ddelta_m = ddelta.transpose(0, 1).reshape(d, Bsz * L)  # ddelta has delta's (D, B, L)-major layout: a view
-        dt_low = x_dbl[:, :r]
-        d_dt_proj_weight = ddelta_m @ dt_low
+        d_out_w = dy2.t() @ _mem(out_z).t()
+        d_out_b = dy2.sum(0) if out_b is not None else None
+        ddelta_mem = _mem(ddelta)
+        d_dt_proj_w = ddelta_mem @ x_dbl[:r].t()
         dx_dbl = torch.empty_like(x_dbl)
-        dx_dbl[:, :r] = ddelta_m.t() @ dt_proj_weight
-        dx_dbl[:, r:r + N] = dB.view(Bsz, N, L).transpose(1, 2).reshape(Bsz * L, N)
-        dx_dbl[:, r + N:] = dC.view(Bsz, N, L).transpose(1, 2).reshape(Bsz * L, N)
-        conv_m = conv.transpose(1, 2).reshape(Bsz * L, d)
-        d_x_proj_weight = dx_dbl.t() @ conv_m
-        dconv = (dx_dbl @ x_proj_weight).view(Bsz, L, d)
-        dconv.add_(du.transpose(1, 2))
+        dx_dbl[:r] = dt_proj_w_c.t() @ ddelta_mem
+        dx_dbl[r:r + N].view(N, Bsz, L).copy_(dB[:, 0].transpose(0, 1))  # dB has B's feature-major layout
+        dx_dbl[r + N:].view(N, Bsz, L).copy_(dC[:, 0].transpose(0, 1))
+        d_x_proj_w = dx_dbl @ conv_mem.t()
+        dconv_mem = torch.addmm(_mem(du), x_proj_w_c.t(), dx_dbl)  # du + W_x^T dx_dbl, (D, B*L)
+        if fix:
+            g_conv = dconv_mem[:, pk.fcol].float()
+            # the kernel's own (cross-document) gradient there is replaced below; index_fill_, not `= 0`: a Python
+            # scalar in __setitem__ becomes a host tensor copied to the GPU, a sync per layer
+            dconv_mem.index_fill_(1, pk.fcol, 0)
         _, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(
-            x_cl, conv_w, conv_bias, dconv.transpose(1, 2), seq32, None, None, dxz[..., :d].transpose(1, 2),
+            _bcl(x_mem, Bsz), conv_w, conv_bias, _bcl(dconv_mem, Bsz), None, None, None, _bcl(dxz[:d], Bsz),
             False, True)
-        return (dxz, dconv_w.reshape(ctx.conv_weight_shape), dconv_b, d_x_proj_weight, d_dt_proj_weight,
-                ddelta_bias, dA, dD, None)
+        if fix:
+            sig = torch.sigmoid(pre_conv)
+            d_pre = g_conv * sig * (1 + pre_conv * (1 - sig))  # (D, F)
+            dwin = (d_pre[:, :, None] * conv_w.float().flip(-1)[:, None, :] * pk.win_ok).flatten(1)  # (D, F*W)
+            acc = torch.zeros(d, pk.ucol.numel(), device=dwin.device, dtype=torch.float32)
+            acc.index_add_(1, pk.inv, dwin)
+            dx_mem = dxz[:d]
+            dx_mem[:, pk.ucol] = (dx_mem[:, pk.ucol].float() + acc).to(dx_mem.dtype)
+            dconv_w = dconv_w + (d_pre[:, :, None] * xw).sum(1).flip(-1).to(dconv_w.dtype).view_as(dconv_w)
+            if dconv_b is not None:
+                dconv_b = dconv_b + d_pre.sum(1).to(dconv_b.dtype)
+        d_in_w = dxz @ h2
+        d_in_b = dxz.sum(1) if in_b is not None else None
+        dh = (dxz.t() @ in_w_c).view(Bsz, L, -1)
+        return (dh, d_in_w, d_in_b, dconv_w.reshape(ctx.conv_weight_shape), dconv_b, d_x_proj_w, d_dt_proj_w,
+                ddelta_bias, d_out_w, d_out_b, dA, dD, None)
 
 
-def _bc(x_dbl: Tensor, Bsz: int, L: int, r: int, N: int):
-    """B and C as the kernel's (B, 1, N, L) L-contiguous tensors."""
-    Bm = x_dbl[:, r:r + N].view(Bsz, L, 1, N).permute(0, 2, 3, 1).contiguous()
-    Cm = x_dbl[:, r + N:].view(Bsz, L, 1, N).permute(0, 2, 3, 1).contiguous()
+def _bc(x_dbl: Tensor, Bsz: int, r: int, N: int):
+    """B and C as the kernel's (B, 1, N, L) tensors: strided views of x_proj's feature-major output."""
+    Bm = _bcl(x_dbl[r:r + N], Bsz).unsqueeze(1)
+    Cm = _bcl(x_dbl[r + N:], Bsz).unsqueeze(1)
     return Bm, Cm
 
 
-def _scan_inputs(conv: Tensor, x_dbl: Tensor, dt_proj_weight: Tensor, xz: Tensor, Bsz: int, L: int, d: int, r: int):
-    """u (the conv output), delta (dt_proj without its bias, which goes in as delta_bias) and z, each (B, D, L) with
-    stride(-1) == 1. delta comes out of the matmul (D, B*L)-major: a free view, as in mamba_inner_fn."""
-    u = conv.contiguous()
-    delta = (dt_proj_weight @ x_dbl[:, :r].t()).view(d, Bsz, L).transpose(0, 1)
-    z = xz[..., d:].transpose(1, 2).contiguous()
-    return u, delta, z
+def mamba1_inner(hidden: Tensor, in_proj_weight: Tensor, in_proj_bias: Optional[Tensor], conv_weight: Tensor,
+                 conv_bias: Optional[Tensor], x_proj_weight: Tensor, dt_proj_weight: Tensor,
+                 dt_proj_bias: Optional[Tensor], out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
+                 D: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None) -> Tensor:
+    """The Mamba-1 mixer from in_proj to out_proj, with exact document resets (see the module docstring).
 
-
-def mamba1_inner(xz: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_proj_weight: Tensor,
-                 dt_proj_weight: Tensor, dt_proj_bias: Optional[Tensor], A: Tensor, D: Optional[Tensor] = None,
-                 seq_idx: Optional[Tensor] = None) -> Tensor:
-    """The Mamba-1 mixer between in_proj and out_proj, with exact document resets (see the module docstring).
-
-    xz (B, L, 2 D): in_proj's output (x then z); conv_weight (D, 1, W) or (D, W), W in 2..4; conv_bias (D,);
-    x_proj_weight (R + 2 N, D); dt_proj_weight (D, R); dt_proj_bias (D,) (applied before the softplus);
-    A (D, N) (negative); D (D,); seq_idx (B, L) non-decreasing document ids or None. Returns y (B, L, D) for
-    out_proj: (conv -> x_proj -> dt_proj -> scan + D skip) * silu(z)."""
-    d = xz.shape[-1] // 2
+    hidden (B, L, d_model); in_proj_weight (2 D, d_model) (x then z); conv_weight (D, 1, W) or (D, W), W in 2..4;
+    conv_bias (D,); x_proj_weight (R + 2 N, D); dt_proj_weight (D, R); dt_proj_bias (D,) (applied before the
+    softplus); out_proj_weight (d_model, D); A (D, N) (negative); D (D,); seq_idx (B, L) non-decreasing document
+    ids or None. Returns out_proj((conv -> x_proj -> dt_proj -> scan + D skip) * silu(z)), (B, L, d_model)."""
+    d = in_proj_weight.shape[0] // 2
     W = conv_weight.shape[-1]
     if d % 8 or not 2 <= W <= 4:
         raise ValueError(f"fused mamba1_inner needs d_inner % 8 == 0 and conv width 2..4, got d_inner={d}, "
@@ -244,15 +347,17 @@ def mamba1_inner(xz: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x
     A = A.float()
     D = D.float() if D is not None else None
     bias = dt_proj_bias.float() if dt_proj_bias is not None else None
-    if xz.dtype == torch.float16:
+    args = (in_proj_weight, in_proj_bias, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, bias,
+            out_proj_weight, out_proj_bias, A, D, seq_idx)
+    if hidden.dtype == torch.float16 or (torch.is_autocast_enabled(hidden.device.type)
+                                         and torch.get_autocast_dtype(hidden.device.type) == torch.float16):
         # u * dt_old / dt_new can underflow fp16 and dt_new overflow it (bf16 and fp32 share fp32's exponent
         # range): run in fp32, as ops/fused.py selective_scan does
-        with torch.autocast(device_type=xz.device.type, enabled=False):
-            y = _Mamba1Inner.apply(xz.float(), conv_weight.float(),
-                                   conv_bias.float() if conv_bias is not None else None, x_proj_weight.float(),
-                                   dt_proj_weight.float(), bias, A, D, seq_idx)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            y = _Mamba1Inner.apply(hidden.float(), *(a.float() if torch.is_tensor(a) and a.is_floating_point()
+                                                      else a for a in args))
         return y.to(torch.float16)
-    return _Mamba1Inner.apply(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, bias, A, D, seq_idx)
+    return _Mamba1Inner.apply(hidden, *args)
 
 
 __all__ = ["mamba1_inner"]
