@@ -48,21 +48,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[s:s + chunk].to(compute_dtype)
             y, ok = labels[s:s + chunk], valid[s:s + chunk]
             target = torch.where(ok, y, torch.zeros_like(y))
-            logits = (h @ w.t()).to(acc_dtype)  # rounded like autocast's logits, then fp32
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            loss += ((lse - picked) * ok).sum()
+            logits = h @ w.t()  # in the compute dtype, rounded like autocast's logits
+            # three passes over the chunk (the fewest torch's own kernels allow): log_softmax reads the bf16 logits
+            # and writes fp32; exp_ turns that into the softmax in place; one multiply writes the scaled gradient
+            # back over the logits' buffer in the compute dtype
+            logp = torch.log_softmax(logits, dim=-1, dtype=acc_dtype)
+            loss -= (logp.gather(1, target[:, None]).squeeze(1) * ok).sum()
             if need_dh or need_dw:
-                # d(mean loss)/d logits = (softmax - onehot) / count, zero on ignored rows; in place over logits
-                g = logits.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, target[:, None], -torch.ones_like(lse[:, None]))
-                g.mul_((ok.to(g.dtype) / count)[:, None])
-                g = g.to(compute_dtype)
+                # d(mean loss)/d logits = (softmax - onehot) / count, zero on ignored rows
+                g = logp.exp_()
+                g.scatter_add_(1, target[:, None], -torch.ones_like(target[:, None], dtype=g.dtype))
+                g = torch.mul(g, (ok.to(g.dtype) / count)[:, None], out=logits)
                 if need_dh:
                     dh[s:s + chunk] = (g @ w).to(hidden.dtype)
                 if need_dw:
                     dw += (g.t() @ h).to(acc_dtype)
-            del logits
+            del logits, logp
         ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None)
         ctx.weight_dtype = weight.dtype
         return loss / count
