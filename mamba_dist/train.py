@@ -342,8 +342,10 @@ class CudaGraphPath(TorchPath):
     workspaces) whose gradients are discarded. Inputs are copied into static buffers; the gradients are static
     buffers the graph accumulates into (zeroed, not freed, after each update), so gradient accumulation works.
     The optimizer step, clipping and validation stay eager. Needs fixed shapes (the loader's are), no host sync
-    in the forward (true for Mamba-2; the fused Mamba-1 reset looks up document starts on the host), one process
-    or no DDP wrapper, and tp == 1 (see use_cuda_graphs)."""
+    in the forward (Mamba-2: none; fused Mamba-1: its packing (document starts, conv fix-up columns) lives in
+    fixed-capacity device buffers, a StaticPacking, filled on the host before each replay and captured again,
+    bigger, when a batch has more documents than it holds), one process or no DDP wrapper, and tp == 1 (see
+    use_cuda_graphs)."""
 
     autocast_cache = False
     grads_to_none = False
@@ -352,10 +354,12 @@ class CudaGraphPath(TorchPath):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.graph, self.static_batch, self.static_loss, self.key = None, None, None, None
+        self.packing = None  # fused Mamba-1 only
 
     def forward_backward(self, batch: tuple, grad_accum: int, amp: bool, fused_ce: bool) -> torch.Tensor:
         key = (tuple(tuple(x.shape) for x in batch), grad_accum, amp, fused_ce)
-        if self.graph is None or key != self.key:
+        fits = self.graph is not None and key == self.key and (self.packing is None or self.packing.fill_(batch[2]))
+        if not fits:
             self._capture(batch, grad_accum, amp, fused_ce)
             self.key = key
         for buf, x in zip(self.static_batch, batch):
@@ -367,6 +371,12 @@ class CudaGraphPath(TorchPath):
         params = [p for p in self.model.parameters() if p.requires_grad]
         kept = [p.grad.clone() if p.grad is not None else None for p in params]  # mid-accumulation: restored
         self.static_batch = [x.clone() for x in batch]
+        from mamba_dist.model.ops.fused_mamba1 import static_packing_for
+
+        self.packing = static_packing_for(self.model, self.static_batch[2])
+        if self.packing is not None:
+            self.packing.fill_(batch[2])  # sized for this batch: it fits
+            self.packing.bind(self.static_batch[2])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -384,15 +394,18 @@ class CudaGraphPath(TorchPath):
 
 def use_cuda_graphs(cfg: Config, dims, device: torch.device, backend: str) -> bool:
     """train.cuda_graphs: auto = on for Mamba-2 with the fused kernels on CUDA, one data-parallel rank and tp == 1
-    (the launch-bound case; Mamba-1's step is kernel-bound and its reset needs a host lookup); true forces it
-    where it can run, false is eager."""
+    (the launch-bound case; Mamba-1 captures too, through its StaticPacking, but auto waits for it to be measured
+    on a GPU); true forces it where it can run, false is eager."""
     possible = (device.type == "cuda" and cfg.parallel.zero_stage == 0 and not dims.tp_enabled
-                and not (dims.distributed and dims.dp > 1))
+                and not (dims.distributed and dims.dp > 1)
+                # Mamba-1's op-by-op path looks its document starts up on the host: only mamba1_inner captures
+                and (cfg.model.mixer == "Mamba2" or cfg.model.ssm_cfg.get("use_fast_path", True)))
     if cfg.train.cuda_graphs == "auto":
         # (recomputation inside a captured graph is not yet checked on a GPU: auto leaves that case eager)
         return possible and cfg.model.mixer == "Mamba2" and backend == "fused" and cfg.train.ac_fraction == 0
     if cfg.train.cuda_graphs and not possible:
-        log.warning("train.cuda_graphs=true needs CUDA, zero_stage 0, tp 1 and one data-parallel rank; eager step")
+        log.warning("train.cuda_graphs=true needs CUDA, zero_stage 0, tp 1, one data-parallel rank and (Mamba-1) "
+                    "ssm_cfg.use_fast_path; eager step")
     return bool(cfg.train.cuda_graphs) and possible
 
 

@@ -324,3 +324,46 @@ def test_use_fast_path_is_the_switch():
 
     assert [m.use_inner_fn for m in mixers()] == [True, True]
     assert [m.use_inner_fn for m in mixers(use_fast_path=False)] == [False, False]
+
+
+# --------------------------------------------------------------------------------------------- static packing
+# (what CUDA graph capture runs: fixed-capacity packing buffers, padding masked; train.py CudaGraphPath)
+
+@pytest.mark.parametrize("slack", [1, 3])
+def test_static_packing_equals_the_exact_one(emulated_kernels, slack):
+    # padded to the capacities (slack 3: most entries are padding pointing at (0, 0) / column 0) or exactly full
+    # (slack 1 with capacities forced to the counts): the same outputs and gradients as the exact-size packing,
+    # including for a second batch filled into the same buffers (a graph replays on new data)
+    torch.manual_seed(5)
+    w = _weights(seed=5, proj_bias=True)
+    h, wout = torch.randn(len(LAYOUTS), L, D_MODEL), torch.randn(len(LAYOUTS), L, D_MODEL)
+    other = [[7, 33], [L], [1, 2, 3, 4, 30], [20, 20], [39, 1], [3, 3, 34]]
+    for layouts in (LAYOUTS, other):
+        seq_idx = seq_idx_from_lengths(layouts)
+        fused_mamba1._packing_cache[0] = None
+        y_e, g_e = _run(fused_mamba1.mamba1_inner, h, w, seq_idx, wout)
+        if layouts is LAYOUTS:
+            R, Fn = fused_mamba1.StaticPacking.counts(seq_idx, 4)
+            caps = (R, Fn) if slack == 1 else (3 * R + 5, 3 * Fn + 7)
+            pk = fused_mamba1.StaticPacking(4, *caps, "cpu")
+        assert pk.fill_(seq_idx)
+        assert int(pk.valid_s.sum()) == fused_mamba1.StaticPacking.counts(seq_idx, 4)[0]
+        pk.bind(seq_idx)
+        y_s, g_s = _run(fused_mamba1.mamba1_inner, h, w, seq_idx, wout)
+        assert fused_mamba1._packing_cache[0][3] is pk  # the static packing was the one used
+        assert rel(y_s, y_e) <= 1e-6
+        for k in g_e:
+            assert rel(g_s[k], g_e[k]) <= 1e-6, k
+
+
+def test_static_packing_capacity():
+    seq_idx = seq_idx_from_lengths(LAYOUTS)
+    R, Fn = fused_mamba1.StaticPacking.counts(seq_idx, 4)
+    assert R == sum(len(x) - 1 for x in LAYOUTS)
+    pk = fused_mamba1.StaticPacking.sized_for(seq_idx, 4, "cpu")
+    assert pk.cap_starts >= 2 * R and pk.cap_fix >= 2 * Fn and pk.cap_starts & (pk.cap_starts - 1) == 0
+    assert pk.fill_(seq_idx)
+    # a batch with more document starts than the capacity is refused (the caller captures again, bigger)
+    many = seq_idx_from_lengths([[1] * L] * 8)
+    assert not pk.fill_(many)
+    assert pk.fill_(seq_idx)

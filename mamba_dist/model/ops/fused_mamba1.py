@@ -86,43 +86,122 @@ def _rows(x: Tensor, b: Tensor, t: Tensor) -> Tensor:
     return x[b, :, t]
 
 
-class _Packing:
-    """Where a packed batch needs fix-ups, found once per batch (one host sync, cached per seq_idx object: every
-    layer of a forward and of an activation-recomputation replay gets the same seq_idx tensor).
-    starts: (b, t) of the tokens that start a document after position 0 of their row (the scan's resets).
-    conv fix-up columns: the positions p whose conv window [p - W + 1, p] crosses a document start, as columns
-    b * L + p of the feature-major matrices; win_col / win_ok (F, W): the window's k-th input x[p - k] and whether
-    it is in p's document; ucol / inv: the distinct window columns, and each window entry's index among them (so
-    gradients add up in fp32 without a per-layer sync)."""
+def _packing_tensors(seq_idx: Tensor, W: int) -> tuple:
+    """The packing of a batch, exact sizes, on seq_idx's device (nonzero / unique: host syncs there).
+    starts b, t (R,): the tokens that start a document after position 0 of their row (the scan's resets).
+    fcol (F,): the positions p whose conv window [p - W + 1, p] crosses a document start, as columns b * L + p of
+    the feature-major matrices; win_col / win_ok (F, W): the window's k-th input x[p - k] and whether it is in p's
+    document; ucol / inv: the distinct window columns, and each window entry's index among them (so gradients add
+    up in fp32 with no per-layer sync)."""
+    Bsz, L = seq_idx.shape
+    dev = seq_idx.device
+    pos = torch.arange(L, device=dev)
+    start = torch.zeros_like(seq_idx, dtype=torch.bool)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    crossed = seq_idx != seq_idx[:, (pos - (W - 1)).clamp_min(0)]  # non-decreasing ids: the window's oldest
+    b, t = start.nonzero(as_tuple=True)
+    fb, fp = crossed.nonzero(as_tuple=True)
+    k = torch.arange(W, device=dev)
+    tk = fp[:, None] - k  # (F, W): x[p - k]
+    win_col = fb[:, None] * L + tk.clamp_min(0)
+    win_ok = (tk >= 0) & (seq_idx[fb[:, None], tk.clamp_min(0)] == seq_idx[fb, fp][:, None])
+    ucol, inv = torch.unique(win_col.flatten(), return_inverse=True)
+    return b, t, fb * L + fp, win_col, win_ok, ucol, inv
 
-    def __init__(self, seq_idx: Tensor, W: int):
-        Bsz, L = seq_idx.shape
-        dev = seq_idx.device
-        pos = torch.arange(L, device=dev)
-        start = torch.zeros_like(seq_idx, dtype=torch.bool)
-        start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-        crossed = seq_idx != seq_idx[:, (pos - (W - 1)).clamp_min(0)]  # non-decreasing ids: the window's oldest
-        self.b, self.t = start.nonzero(as_tuple=True)  # host sync (the number of starts)
-        fb, fp = crossed.nonzero(as_tuple=True)
-        self.fcol = fb * L + fp
-        k = torch.arange(W, device=dev)
-        tk = fp[:, None] - k  # (F, W): x[p - k]
-        self.win_col = fb[:, None] * L + tk.clamp_min(0)
-        self.win_ok = (tk >= 0) & (seq_idx[fb[:, None], tk.clamp_min(0)] == seq_idx[fb, fp][:, None])
-        self.ucol, self.inv = torch.unique(self.win_col.flatten(), return_inverse=True)
-        self.n_starts = self.b.numel()
+
+class _Packing:
+    """Where a packed batch needs fix-ups (see _packing_tensors). valid_s / valid_f are None for an exact-size
+    packing; a StaticPacking pads to fixed capacities and masks the padding with them."""
+
+    def __init__(self, b, t, fcol, win_col, win_ok, ucol, inv, valid_s=None, valid_f=None):
+        self.b, self.t, self.fcol, self.win_col, self.win_ok, self.ucol, self.inv = b, t, fcol, win_col, win_ok, ucol, inv
+        self.valid_s, self.valid_f = valid_s, valid_f
+
+
+class StaticPacking(_Packing):
+    """A packing in fixed-capacity device buffers, so that the Mamba-1 mixer runs with no host sync and can be
+    captured in a CUDA graph (train.py CudaGraphPath). fill_(seq_idx) computes a batch's packing on the host and
+    copies it in before each replay. Entries past the batch's own counts are masked (valid_s / valid_f False) and
+    point at position (0, 0) / column 0, which is never a real start or fix-up column; every masked write puts
+    back the value that is there, and masked gradient terms are zero. fill_ returns False when the batch needs
+    more room than the capacities (the caller captures again with a bigger packing)."""
+
+    def __init__(self, W: int, cap_starts: int, cap_fix: int, device):
+        def buf(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.W, self.cap_starts, self.cap_fix = W, cap_starts, cap_fix
+        super().__init__(buf(cap_starts), buf(cap_starts), buf(cap_fix), buf(cap_fix, W),
+                         buf(cap_fix, W, dtype=torch.bool), buf(cap_fix * W), buf(cap_fix * W),
+                         buf(cap_starts, dtype=torch.bool), buf(cap_fix, dtype=torch.bool))
+
+    @staticmethod
+    def counts(seq_idx: Tensor, W: int) -> tuple:
+        """(starts, fix-up columns) of a batch."""
+        b, t, fcol = _packing_tensors(seq_idx.cpu(), W)[:3]
+        return b.numel(), fcol.numel()
+
+    @classmethod
+    def sized_for(cls, seq_idx: Tensor, W: int, device, slack: int = 2) -> "StaticPacking":
+        """Capacities of `slack` times this batch's counts (powers of two, at least 64)."""
+        def cap(n):
+            return max(64, 1 << max(0, slack * n - 1).bit_length())
+
+        R, Fn = cls.counts(seq_idx, W)
+        return cls(W, cap(R), cap(Fn), device)
+
+    def fill_(self, seq_idx: Tensor) -> bool:
+        b, t, fcol, win_col, win_ok, ucol, inv = _packing_tensors(seq_idx.cpu(), self.W)
+        R, Fn, U = b.numel(), fcol.numel(), ucol.numel()
+        if R > self.cap_starts or Fn > self.cap_fix:
+            return False
+        for dst, src, n in ((self.b, b, R), (self.t, t, R), (self.fcol, fcol, Fn), (self.win_col, win_col, Fn),
+                            (self.win_ok, win_ok, Fn), (self.ucol, ucol, U), (self.inv, inv, Fn * self.W)):
+            host = torch.zeros(dst.shape, dtype=dst.dtype)
+            host[:n] = src
+            dst.copy_(host.pin_memory() if dst.is_cuda else host, non_blocking=True)
+        for dst, n in ((self.valid_s, R), (self.valid_f, Fn)):
+            host = torch.zeros(dst.shape, dtype=torch.bool)
+            host[:n] = True
+            dst.copy_(host.pin_memory() if dst.is_cuda else host, non_blocking=True)
+        return True
+
+    def bind(self, seq_idx: Tensor) -> None:
+        """Make the mixers use this packing for the (static) seq_idx tensor until another batch is seen."""
+        _packing_cache[0] = (seq_idx, seq_idx._version, self.W, self)
+
+
+def static_packing_for(model: torch.nn.Module, seq_idx: Optional[Tensor]) -> Optional[StaticPacking]:
+    """A StaticPacking sized for this batch (on its device) if the model runs fused Mamba-1 mixers through
+    mamba1_inner and the batch is packed; None otherwise (nothing to capture for them)."""
+    from ..mamba1 import Mamba
+
+    widths = {m.d_conv for m in model.modules()
+              if isinstance(m, Mamba) and m.backend == "fused" and m.use_inner_fn}
+    if seq_idx is None or not widths:
+        return None
+    if len(widths) > 1:
+        raise ValueError(f"Mamba-1 mixers with different conv widths {sorted(widths)} cannot share one packing")
+    return StaticPacking.sized_for(seq_idx, widths.pop(), seq_idx.device)
 
 
 _packing_cache: list = [None]
 
 
 def _packing(seq_idx: Tensor, W: int) -> _Packing:
+    """The batch's packing, cached per seq_idx object: every layer of a forward and of an activation-recomputation
+    replay gets the same seq_idx tensor, so the host sync happens once per batch, not once per layer."""
     hit = _packing_cache[0]
     if hit is not None and hit[0] is seq_idx and hit[1] == seq_idx._version and hit[2] == W:
         return hit[3]
-    pk = _Packing(seq_idx, W)
+    pk = _Packing(*_packing_tensors(seq_idx, W))
     _packing_cache[0] = (seq_idx, seq_idx._version, W, pk)  # holding seq_idx keeps its memory from reuse
     return pk
+
+
+def _keep(valid: Optional[Tensor], new: Tensor, old: Tensor) -> Tensor:
+    """new where valid (per row of an (n, D) or per column of a (D, n) tensor via broadcasting), else old."""
+    return new if valid is None else torch.where(valid, new, old)
 
 
 def _conv_windows(x_mem: Tensor, pk: _Packing, conv_w: Tensor, conv_bias: Optional[Tensor]):
@@ -138,7 +217,8 @@ def _conv_windows(x_mem: Tensor, pk: _Packing, conv_w: Tensor, conv_bias: Option
 def _conv_fix_(conv_mem: Tensor, x_mem: Tensor, pk: _Packing, conv_w: Tensor, conv_bias: Optional[Tensor]):
     """Overwrite the conv output at the fix-up columns with its in-document value; returns (xw, pre)."""
     xw, pre = _conv_windows(x_mem, pk, conv_w, conv_bias)
-    conv_mem[:, pk.fcol] = F.silu(pre).to(conv_mem.dtype)
+    fixed = F.silu(pre).to(conv_mem.dtype)
+    conv_mem[:, pk.fcol] = _keep(pk.valid_f, fixed, conv_mem[:, pk.fcol]) if pk.valid_f is not None else fixed
     return xw, pre
 
 
@@ -152,8 +232,10 @@ class _Reset:
         return self.b, self.t, self.u_r, self.u_new, self.pre, self.dt_new, self.v
 
 
-def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], b: Tensor, t: Tensor) -> _Reset:
-    """Rewrite u and delta in place at the starts (module docstring); returns what backward needs."""
+def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], pk: _Packing) -> _Reset:
+    """Rewrite u and delta in place at the starts (module docstring); returns what backward needs. Masked
+    (padding) starts get their own values back: u_new = u, and delta unchanged."""
+    b, t = pk.b, pk.t
     fused = _fused()
     dtype = u.dtype
     # per-channel reset dt: 200 / min_n |A[d, n]|, at least 64 (> the kernel's softplus threshold 20), finite
@@ -171,8 +253,12 @@ def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], 
         pre = pre + bias
     dt_old = F.softplus(pre)  # threshold 20, as the kernel's softplus
     u_new = (u_r.float() * (dt_old / dt_new)).to(dtype)
+    v = v.expand_as(u_new)
+    if pk.valid_s is not None:
+        valid = pk.valid_s[:, None]
+        u_new, v = torch.where(valid, u_new, u_r), torch.where(valid, v, _rows(delta, b, t))
     u[b, :, t] = u_new
-    delta[b, :, t] = v.expand_as(u_new)
+    delta[b, :, t] = v
     return _Reset(b, t, u_r, u_new, pre, dt_new, v)
 
 
@@ -216,14 +302,17 @@ class _Mamba1Inner(torch.autograd.Function):
         u, z = conv, _bcl(xz[d:], Bsz)
 
         rs = None
-        if pk is not None and pk.n_starts:
-            rs = _reset_inputs_(u, delta, A, dt_proj_bias, pk.b, pk.t)  # u is the conv output: x_proj read it
+        if pk is not None and pk.b.numel():
+            rs = _reset_inputs_(u, delta, A, dt_proj_bias, pk)  # u is the conv output: x_proj read it
         out, scan_x, out_z = selective_scan_cuda.fwd(u, delta, A, Bm, Cm, D, z, dt_proj_bias, True)[:3]
         if rs is not None and D is not None:  # the skip term D u at the starts (without D nothing to correct)
             b_idx, t_idx = rs.b, rs.t
             out_r = _rows(out, b_idx, t_idx).float() + D * (rs.u_r.float() - rs.u_new.float())
-            out[b_idx, :, t_idx] = out_r.to(out.dtype)  # the pre-gate output the backward's dz reads
-            out_z[b_idx, :, t_idx] = (out_r * F.silu(_rows(z, b_idx, t_idx).float())).to(out_z.dtype)
+            out[b_idx, :, t_idx] = out_r.to(out.dtype)  # the pre-gate output the backward's dz reads (masked: +0)
+            out_z_r = (out_r * F.silu(_rows(z, b_idx, t_idx).float())).to(out_z.dtype)
+            if pk.valid_s is not None:
+                out_z_r = torch.where(pk.valid_s[:, None], out_z_r, _rows(out_z, b_idx, t_idx))
+            out_z[b_idx, :, t_idx] = out_z_r
         out_t = _mem(out_z).t()  # (B*L, D), a transposed view: cuBLAS reads it as is
         y = torch.addmm(out_b.to(dt), out_t, out_w.t()) if out_b is not None else out_t @ out_w.t()
 
@@ -260,7 +349,7 @@ class _Mamba1Inner(torch.autograd.Function):
         rs = _Reset(*rest) if ctx.has_reset else None
         if rs is not None:
             u[rs.b, :, rs.t] = rs.u_new
-            delta[rs.b, :, rs.t] = rs.v.expand_as(rs.u_new)
+            delta[rs.b, :, rs.t] = rs.v
 
         dy2 = dy.reshape(Bsz * L, -1).to(dt)
         dout = _bcl(out_w_c.t() @ dy2.t(), Bsz)  # (D, B*L): d out_z, feature-major
@@ -279,11 +368,16 @@ class _Mamba1Inner(torch.autograd.Function):
             du_r = du_new * (dt_old / rs.dt_new)
             if D is not None:
                 du_r = du_r + D * g
-                dD = dD + (g * (u_r - rs.u_new.float())).sum(0)
+                dD = dD + (g * (u_r - rs.u_new.float())).sum(0)  # masked starts: u_new == u, a zero term
             softplus_grad = torch.where(rs.pre > 20.0, 1.0, torch.sigmoid(rs.pre))
             ddelta_r = du_new * u_r / rs.dt_new * softplus_grad
+            ddelta_k = _rows(ddelta, b_idx, t_idx)
+            if pk.valid_s is not None:  # masked starts keep the kernel's gradients (and add nothing below)
+                valid = pk.valid_s[:, None]
+                du_r = torch.where(valid, du_r, _rows(du, b_idx, t_idx).float())
+                ddelta_r = torch.where(valid, ddelta_r, ddelta_k.float())
             if ddelta_bias is not None:
-                ddelta_bias = ddelta_bias + (ddelta_r - _rows(ddelta, b_idx, t_idx).float()).sum(0)
+                ddelta_bias = ddelta_bias + (ddelta_r - ddelta_k.float()).sum(0)
             du[b_idx, :, t_idx] = du_r.to(du.dtype)
             ddelta[b_idx, :, t_idx] = ddelta_r.to(ddelta.dtype)
             u[b_idx, :, t_idx] = rs.u_r  # undo the rewrite: x_proj's weight gradient reads the true conv output
@@ -299,10 +393,14 @@ class _Mamba1Inner(torch.autograd.Function):
         d_x_proj_w = dx_dbl @ conv_mem.t()
         dconv_mem = torch.addmm(_mem(du), x_proj_w_c.t(), dx_dbl)  # du + W_x^T dx_dbl, (D, B*L)
         if fix:
-            g_conv = dconv_mem[:, pk.fcol].float()
+            g_conv = dconv_mem[:, pk.fcol]
             # the kernel's own (cross-document) gradient there is replaced below; index_fill_, not `= 0`: a Python
             # scalar in __setitem__ becomes a host tensor copied to the GPU, a sync per layer
-            dconv_mem.index_fill_(1, pk.fcol, 0)
+            if pk.valid_f is None:
+                dconv_mem.index_fill_(1, pk.fcol, 0)
+            else:
+                dconv_mem[:, pk.fcol] = torch.where(pk.valid_f, torch.zeros_like(g_conv), g_conv)
+            g_conv = g_conv.float() if pk.valid_f is None else g_conv.float() * pk.valid_f
         _, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(
             _bcl(x_mem, Bsz), conv_w, conv_bias, _bcl(dconv_mem, Bsz), None, None, None, _bcl(dxz[:d], Bsz),
             False, True)
@@ -362,4 +460,4 @@ def mamba1_inner(hidden: Tensor, in_proj_weight: Tensor, in_proj_bias: Optional[
     return _Mamba1Inner.apply(hidden, *args)
 
 
-__all__ = ["mamba1_inner"]
+__all__ = ["mamba1_inner", "StaticPacking", "static_packing_for"]
