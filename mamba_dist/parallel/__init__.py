@@ -20,7 +20,7 @@ _EXPORTS = {
     "parallelize": "parallelize",
     "apply_tp": "tp", "check_tp_layout": "tp", "full_state_dict": "tp", "full_grad_dict": "tp",
     "load_full_state_dict": "tp", "full_optimizer_state_dict": "tp", "load_full_optimizer_state_dict": "tp",
-    "unwrap": "tp",
+    "unwrap": "dims", "is_tp_sharded": "dims",
     "apply_ac": "ac", "selected_layers": "ac",
     "loss_fn": "loss", "clip_grad_norm_": "loss", "grad_norm": "loss", "gather_tp_tensor": "loss",
     "build_deepspeed_engine": "zero", "deepspeed_config": "zero", "DeepSpeedMPU": "zero",

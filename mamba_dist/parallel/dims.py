@@ -214,3 +214,21 @@ def check_mamba2_tp(d_ssm: int, nheads: int, ngroups: int, tp: int) -> None:
         raise ParallelLayoutError(f"tp={tp} does not divide Mamba-2 nheads={nheads}")
     if d_ssm % tp:
         raise ParallelLayoutError(f"tp={tp} does not divide Mamba-2 d_ssm={d_ssm}")
+
+
+# --------------------------------------------------------------------------------------------- megatron-free helpers
+# (here rather than in layers.py / tp.py, which import megatron-core: a tp == 1 run never needs it)
+
+def is_tp_sharded(param) -> bool:
+    """Whether a parameter is a tensor-parallel shard (layers.mark_tp sets the attribute megatron reads)."""
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def unwrap(model):
+    """The model under DDP / DeepSpeed wrappers."""
+    import torch.nn as nn
+
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+

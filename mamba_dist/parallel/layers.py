@@ -56,8 +56,7 @@ def mark_tp(param: torch.Tensor, dim: int, segments: Sequence[int]) -> None:
     param.tp_segments = tuple(int(s) for s in segments)
 
 
-def is_tp_sharded(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
+from .dims import is_tp_sharded  # noqa: E402,F401  (re-exported; defined megatron-free)
 
 
 def megatron_config(tp: int, dtype: torch.dtype) -> ModelParallelConfig:

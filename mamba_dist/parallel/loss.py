@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .layers import is_tp_sharded
+from .dims import is_tp_sharded
 
 IGNORE_INDEX = -100
 

@@ -14,7 +14,6 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from .ac import apply_ac
-from .tp import apply_tp
 
 
 def _lookup(cfg: Any, *paths: str, default=None):
@@ -38,7 +37,10 @@ def parallelize(model: nn.Module, dims, cfg: Any = None, *, ac_fraction: Optiona
         ac_fraction = float(_lookup(cfg, "train.ac_fraction", "ac_fraction", default=0.0))
     if zero_stage is None:
         zero_stage = int(_lookup(cfg, "parallel.zero_stage", "zero_stage", default=0))
-    model = apply_tp(model, dims)
+    if dims.tp_enabled:  # imported here: megatron-core (tp.py) is needed only under TP
+        from .tp import apply_tp
+
+        model = apply_tp(model, dims)
     if ac_fraction > 0:
         apply_ac(model, ac_fraction)
     if ddp is None:

@@ -331,11 +331,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
                               for k, v in st.items()}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model under DDP / DeepSpeed wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+from .dims import unwrap  # noqa: E402  (re-exported; defined megatron-free)
 
 
 __all__ = ["apply_tp", "check_tp_layout", "full_state_dict", "load_full_state_dict", "full_grad_dict",
