@@ -71,8 +71,12 @@ class Mamba2(nn.Module):
         self.dt_limit = tuple(dt_limit)
         self.activation = "silu"
         self.chunk_size = chunk_size
-        # use_mem_eff_path (mamba_split_conv1d_scan_combined) is accepted for config compatibility only: it reads
-        # the submodules' weights itself, which tensor parallelism and ZeRO-3 cannot see
+        # use_mem_eff_path (mamba_ssm: mamba_split_conv1d_scan_combined) switches the fused backend's
+        # ops.mamba2_inner: everything after in_proj as one function that recomputes the conv and norm outputs in
+        # backward. It reads the conv / norm / out_proj weights directly, which tensor parallelism (swaps those
+        # submodules) and ZeRO-3 (gathers a weight only around its own module's forward) cannot see: both set
+        # use_inner_fn = False, as does the reference backend (its op-by-op path is the twin).
+        self.use_inner_fn = bool(use_mem_eff_path)
         self.layer_idx = layer_idx
         self.backend = backend
 
@@ -106,6 +110,13 @@ class Mamba2(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         d_ssm, G, N, H, P = self.d_ssm, self.ngroups, self.d_state, self.nheads, self.headdim
         zxbcdt = self.in_proj(hidden_states)
+        if self.use_inner_fn and self.backend == "fused":
+            return ops.mamba2_inner(
+                zxbcdt, self.conv1d.weight, self.conv1d.bias, self.dt_bias, -torch.exp(self.A_log.float()),
+                self.D.view(H, P) if self.D_has_hdim else self.D, self.chunk_size, seq_idx, self.dt_limit,
+                self.norm.weight if self.rmsnorm else None, self.norm.eps if self.rmsnorm else 1e-6,
+                self.norm_before_gate, self.out_proj.weight, self.out_proj.bias,
+                None if self.D_has_hdim else self.headdim, self.ngroups)
         d_mlp = (zxbcdt.shape[-1] - 2 * d_ssm - 2 * G * N - H) // 2
         z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, d_ssm, d_ssm + 2 * G * N, H], dim=-1)
         xBC = self.conv1d(xBC.transpose(1, 2), seq_idx).transpose(1, 2)  # SiLU applied

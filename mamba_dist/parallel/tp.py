@@ -168,6 +168,7 @@ def _tp_mamba2(m: nn.Module, group, sp: bool) -> None:
     m.d_ssm, m.nheads, m.ngroups = d_ssm // tp, H // tp, G // tp
     if hasattr(m, "d_inner"):
         m.d_inner = m.d_inner // tp
+    m.use_inner_fn = False  # ops.mamba2_inner would read the swapped submodules' weights and skip their reduces
 
 
 def _tp_mlp(mlp: nn.Module, group, sp: bool) -> None:
