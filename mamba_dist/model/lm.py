@@ -1,6 +1,6 @@
 """Mamba language model with mamba_ssm 2.3's structure and state_dict names (models/mixer_seq_simple.py):
 embedding -> n_layer x Block(norm -> mixer [-> norm2 -> GatedMLP]) with an fp32 residual stream -> norm_f -> tied
-lm_head."""
+lm_head. The mixer is Mamba / Mamba2, or MHA (attention, with document masking) at the attn_layer_idx layers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .backend import kernels, resolve_backend
 from .config import MambaConfig
 from .mamba1 import Mamba
 from .mamba2 import Mamba2, RMSNormGated
+from .mha import MHA
 from .ops.cross_entropy import linear_cross_entropy
 
 
@@ -147,21 +148,23 @@ class MixerModel(nn.Module):
                  dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if config.attn_layer_idx:
-            raise NotImplementedError(
-                f"attention layers (attn_layer_idx={config.attn_layer_idx}) are not implemented; use pure Mamba")
         self.residual_in_fp32 = config.residual_in_fp32
         d = config.d_model
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory)
         norm_cls = partial(RMSNorm if config.rms_norm else LayerNorm, eps=1e-5, backend=backend, **factory)
         ssm_cfg = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
         mixer_cls = Mamba2 if config.mixer == "Mamba2" else Mamba
+        attn_layers = set(config.attn_layer_idx)
         layers = []
         for i in range(config.n_layer):
             try:
-                mixer = mixer_cls(d, layer_idx=i, backend=backend, **ssm_cfg, **factory)
+                if i in attn_layers:
+                    mixer = MHA(d, layer_idx=i, backend=backend, **config.attn_cfg, **factory)
+                else:
+                    mixer = mixer_cls(d, layer_idx=i, backend=backend, **ssm_cfg, **factory)
             except TypeError as e:
-                raise ValueError(f"ssm_cfg for {config.mixer}: {e}") from None
+                raise ValueError(f"{'attn_cfg' if i in attn_layers else 'ssm_cfg for ' + config.mixer}: {e}") \
+                    from None
             mlp = (GatedMLP(d, hidden_features=config.d_intermediate, out_features=d, **factory)
                    if config.d_intermediate > 0 else None)
             block = Block(d, mixer, norm_cls, mlp, residual_in_fp32=config.residual_in_fp32)
