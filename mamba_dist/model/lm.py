@@ -111,12 +111,12 @@ class Block(nn.Module):
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
-    def step(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor], conv_state: torch.Tensor,
-             ssm_state: torch.Tensor):
-        """forward for one token (B, 1, d_model) through the mixer's recurrent step."""
+    def step(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor], *states: torch.Tensor):
+        """forward for one token (B, 1, d_model) through the mixer's recurrent step; `states` are the mixer's
+        (Mamba: conv_state, ssm_state; attention: conv_state, kv cache, position)."""
         hidden_states, residual = self.norm(hidden_states, residual, prenorm=True,
                                             residual_in_fp32=self.residual_in_fp32)
-        hidden_states = self.mixer.step(hidden_states, conv_state, ssm_state)
+        hidden_states = self.mixer.step(hidden_states, *states)
         if self.mlp is not None:
             hidden_states, residual = self.norm2(hidden_states, residual, prenorm=True,
                                                  residual_in_fp32=self.residual_in_fp32)
@@ -183,7 +183,7 @@ class MixerModel(nn.Module):
         return self.norm_f(hidden_states, residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
 
     def step(self, input_ids: torch.Tensor, cache: dict) -> torch.Tensor:
-        """input_ids (B, 1) -> final hidden states (B, 1, d_model); cache[i] = (conv_state, ssm_state) of layer i."""
+        """input_ids (B, 1) -> final hidden states (B, 1, d_model); cache[i] = the states of layer i's mixer."""
         hidden_states = self.embedding(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):
@@ -259,15 +259,17 @@ class MambaLMHeadModel(nn.Module):
 
     # ----------------------------------------------------------------------------------- recurrent inference
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, dtype=None) -> dict:
-        """{layer index: (conv_state, ssm_state)}: the whole state of the recurrent step, of a size independent of
-        the sequence length (max_seqlen is accepted for mamba_ssm's signature only)."""
+        """{layer index: the mixer's states}: the whole state of the recurrent step. A Mamba layer's (conv_state,
+        ssm_state) has a size independent of the sequence length; an attention layer's KV cache (hybrids) starts
+        at max_seqlen positions (default 256) and grows with the sequence."""
         return {i: layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
                 for i, layer in enumerate(self.backbone.layers)}
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token per row through the recurrent step: input_ids (B,) or (B, 1) -> logits (B, padded_vocab);
-        the cache (allocate_inference_cache) is updated in place. Constant time and memory per token."""
+        the cache (allocate_inference_cache) is updated in place. Constant time and memory per token for Mamba
+        layers; attention layers (hybrids) read their KV cache, which grows by one position per token."""
         if input_ids.dim() == 1:
             input_ids = input_ids[:, None]
         if self.backend == "fused" and input_ids.device.type != "cuda":

@@ -132,10 +132,56 @@ class MHA(nn.Module):
             context = torch.cat([context, x_mlp], dim=-1)
         return self.out_proj(context)
 
+    # ----------------------------------------------------------------------------------- recurrent inference
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, dtype=None):
-        raise NotImplementedError(
-            f"layer {self.layer_idx}: recurrent generation through attention layers (a KV cache) is not "
-            f"implemented; export the hybrid with `mamba-dist convert export-mamba-ssm` and generate with mamba_ssm")
+        """(conv_state (B, qkv channels, d_conv) (empty without a conv), kv (B, T, 2, Hkv, Dh), n_seen (1,) long):
+        the KV cache holds max_seqlen positions (default 256) and grows by doubling (in place) when full. Unlike
+        the Mamba layers' states it grows with the sequence: O(length) memory per attention layer."""
+        dtype = dtype or self.out_proj.weight.dtype
+        device = self.out_proj.weight.device
+        qkv_dim = self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
+        conv = torch.zeros(batch_size, qkv_dim if self.d_conv else 0, self.d_conv, device=device, dtype=dtype)
+        kv = torch.zeros(batch_size, max_seqlen or 256, 2, self.num_heads_kv, self.head_dim, device=device,
+                         dtype=dtype)
+        return conv, kv, torch.zeros(1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, kv: torch.Tensor,
+             n_seen: torch.Tensor) -> torch.Tensor:
+        """One token: hidden_states (B, 1, D) -> (B, 1, D), attending to every earlier token of the row; the conv
+        window, the KV cache and the position counter are updated in place."""
+        if not self.causal:
+            raise ValueError(f"layer {self.layer_idx}: token-by-token generation needs causal attention")
+        batch = hidden_states.shape[0]
+        H, Hkv, Dh = self.num_heads, self.num_heads_kv, self.head_dim
+        q_dim, kv_dim = H * Dh, Hkv * Dh
+        qkv = self.in_proj(hidden_states.squeeze(1))
+        mlp = qkv.shape[-1] - q_dim - 2 * kv_dim
+        x_mlp = None
+        if mlp > 0:
+            qkv, x_mlp = qkv.split([q_dim + 2 * kv_dim, mlp], dim=-1)
+            up, gate = x_mlp.chunk(2, dim=-1)
+            x_mlp = up * F.silu(gate)
+        if self.d_conv > 0:
+            qkv = self.conv1d.step(qkv, conv_state)
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
+        q, k, v = q.reshape(batch, 1, H, Dh), k.reshape(batch, 1, Hkv, Dh), v.reshape(batch, 1, Hkv, Dh)
+        t = int(n_seen.item())
+        if self.rotary_emb_dim > 0:
+            pos = torch.full((batch, 1), t, device=q.device, dtype=torch.long)
+            q = apply_rotary(q, pos, self.rotary_emb_dim, self.rotary_emb_base, self.rotary_emb_interleaved)
+            k = apply_rotary(k, pos, self.rotary_emb_dim, self.rotary_emb_base, self.rotary_emb_interleaved)
+        if t >= kv.shape[1]:  # full: double it, in place (the cache dict keeps the same tensor object)
+            kv.set_(torch.cat([kv, torch.zeros_like(kv)], dim=1))
+        kv[:, t, 0], kv[:, t, 1] = k[:, 0].to(kv.dtype), v[:, 0].to(kv.dtype)
+        n_seen += 1
+        # one query against all t+1 cached keys: nothing to mask (is_causal would align the square top-left)
+        context = kernels(self.backend).attention(q, kv[:, :t + 1, 0].to(q.dtype), kv[:, :t + 1, 1].to(q.dtype),
+                                                  None, False, self.softmax_scale)
+        context = context.reshape(batch, q_dim)
+        if x_mlp is not None:
+            context = torch.cat([context, x_mlp], dim=-1)
+        return self.out_proj(context).unsqueeze(1)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_heads_kv}, head_dim={self.head_dim}, "
