@@ -4,6 +4,7 @@ lm_head. The mixer is Mamba / Mamba2, or MHA (attention, with document masking) 
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Optional, Union
@@ -18,6 +19,8 @@ from .mamba1 import Mamba
 from .mamba2 import Mamba2, RMSNormGated
 from .mha import MHA
 from .ops.cross_entropy import linear_cross_entropy
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -171,6 +174,10 @@ class MixerModel(nn.Module):
             block.layer_idx = i
             layers.append(block)
         self.layers = nn.ModuleList(layers)
+        if attn_layers:
+            log.info("attention at layers %s: %s", sorted(attn_layers),
+                     "flex_attention with a document block mask (fused backend)" if backend == "fused"
+                     else "SDPA with a dense document mask (reference backend)")
         self.norm_f = norm_cls(d)
         self.apply(partial(_init_weights, n_layer=config.n_layer, **(initializer_cfg or {}),
                            n_residuals_per_layer=1 if config.d_intermediate == 0 else 2))
