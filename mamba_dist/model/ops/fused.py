@@ -9,7 +9,8 @@ mamba_inner_fn / mamba_split_conv1d_scan_combined: those read submodule weights 
 weight only around its own module's forward) and tensor parallelism (swaps the submodules) cannot see.
 
 Packed rows (seq_idx): causal_conv1d and the SSD kernels restart at seq_idx changes natively. mamba_ssm's Mamba-1
-selective scan has no reset; `selective_scan` below makes it exact (see its docstring).
+selective scan has no reset; `selective_scan` below makes it exact (see its docstring). Attention (hybrids) needs
+no extension: torch's flex_attention with a block mask from seq_idx (`attention`).
 """
 
 from __future__ import annotations

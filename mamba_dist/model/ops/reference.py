@@ -20,6 +20,7 @@ No Python loop runs over time steps:
   quadratic form inside each chunk from segment sums of log decays (taken in fp64, see `_SegSum`), plus a state
   passed between chunks with the parallel scan above. seq_idx masks the intra-chunk decay matrix, the chunk states,
   the state passing and the state-to-output term.
+- Attention (hybrid models' MHA, `attention`): SDPA with a dense mask built from seq_idx (same document, causal).
 The `*_sequential` twins are the per-time-step oracles the tests compare against.
 """
 
