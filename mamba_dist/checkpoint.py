@@ -475,6 +475,11 @@ def check_compatible(path: str, meta: dict, config: dict) -> None:
             layer = {"layer": now.get("model.mixer", "Mamba1")}
             if resolved_ssm_cfg({**layer, **saved[key]}) == resolved_ssm_cfg({**layer, **now[key]}):
                 continue
+        if key == "model.attn_cfg" and key in saved:  # likewise for the attention layers' arguments
+            from mamba_dist.model.config import resolved_attn_cfg
+
+            if resolved_attn_cfg(saved[key]) == resolved_attn_cfg(now[key]):
+                continue
         if key in saved and saved[key] != now[key]:
             raise CheckpointError(f"checkpoint {path} is incompatible: {key} is {saved[key]!r} in the checkpoint, "
                                   f"{now[key]!r} in the config")

@@ -36,6 +36,9 @@ MAMBA1_KEYS = {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt
 MAMBA2_KEYS = {"d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
                "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
                "conv_bias", "chunk_size", "use_mem_eff_path"}
+# model.attn_cfg: mamba_ssm's MHA arguments (model/mha.py). causal defaults to true here, false in mamba_ssm.
+ATTN_KEYS = {"num_heads", "num_heads_kv", "head_dim", "rotary_emb_dim", "rotary_emb_base", "rotary_emb_interleaved",
+             "causal", "qkv_proj_bias", "out_proj_bias", "softmax_scale", "d_conv", "mlp_dim"}
 
 
 # model.* keys that choose how the model is computed, not what it is (absent from mamba_ssm's config.json; may change
@@ -372,6 +375,48 @@ def _choice(value: str, where: str, choices: tuple) -> None:
     _check(value in choices, where, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _validate_attn_cfg(m: "ModelConfig") -> None:
+    a = m.attn_cfg
+    for k in a:
+        _check(k in ATTN_KEYS, f"model.attn_cfg.{k}", f"not an argument of the attention layer (valid: "
+                                                       f"{', '.join(sorted(ATTN_KEYS))})")
+
+    def positive_int(k, required=False, zero_ok=False):
+        if k not in a or (a[k] is None and not required):
+            _check(not required, f"model.attn_cfg.{k}", "required when model.attn_layer_idx is set")
+            return
+        v = a[k]
+        _check(isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if zero_ok else v > 0),
+               f"model.attn_cfg.{k}", f"must be a {'non-negative' if zero_ok else 'positive'} integer, got {v!r}")
+
+    positive_int("num_heads", required=True)
+    for k in ("num_heads_kv", "head_dim"):
+        positive_int(k)
+    for k in ("rotary_emb_dim", "d_conv", "mlp_dim"):
+        positive_int(k, zero_ok=True)
+    H = a["num_heads"]
+    Hkv = a.get("num_heads_kv") or H
+    _check(H % Hkv == 0, "model.attn_cfg.num_heads_kv", f"{Hkv} does not divide num_heads={H}")
+    head_dim = a.get("head_dim")
+    if head_dim is None:
+        _check(m.d_model % H == 0, "model.attn_cfg.num_heads", f"{H} does not divide d_model={m.d_model} "
+                                                              f"(or set attn_cfg.head_dim)")
+        head_dim = m.d_model // H
+    rot = a.get("rotary_emb_dim", 0)
+    _check(rot % 2 == 0 and rot <= head_dim, "model.attn_cfg.rotary_emb_dim",
+           f"must be even and <= head_dim={head_dim}, got {rot}")
+    for k in ("causal", "qkv_proj_bias", "out_proj_bias", "rotary_emb_interleaved"):
+        _check(isinstance(a.get(k, True), bool), f"model.attn_cfg.{k}", f"expected true/false, got {a.get(k)!r}")
+    if a.get("softmax_scale") is not None:
+        v = a["softmax_scale"]
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "model.attn_cfg.softmax_scale",
+               f"must be a number > 0 (or null: 1/sqrt(head_dim)), got {v!r}")
+    if "rotary_emb_base" in a:
+        v = a["rotary_emb_base"]
+        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "model.attn_cfg.rotary_emb_base",
+               f"must be a number > 0, got {v!r}")
+
+
 def validate_config(cfg: Config) -> None:
     """Value checks that need no launcher or files. Raises ConfigError (one line, naming the field)."""
     m = cfg.model
@@ -403,7 +448,12 @@ def validate_config(cfg: Config) -> None:
         ngroups = m.ssm_cfg.get("ngroups", 1)
         _check(nheads % ngroups == 0, "model.ssm_cfg.ngroups", f"{ngroups} does not divide nheads={nheads}")
     for i in m.attn_layer_idx:
-        _check(isinstance(i, int) and 0 <= i < m.n_layer, "model.attn_layer_idx", f"{i!r} is not a layer index")
+        _check(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < m.n_layer, "model.attn_layer_idx",
+               f"{i!r} is not a layer index (0..{m.n_layer - 1})")
+    _check(len(set(m.attn_layer_idx)) == len(m.attn_layer_idx), "model.attn_layer_idx",
+           f"lists a layer twice: {m.attn_layer_idx}")
+    if m.attn_layer_idx:
+        _validate_attn_cfg(m)
 
     d = cfg.data
     _check(bool(d.path) or bool(d.sources), "data.path",

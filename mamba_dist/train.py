@@ -402,7 +402,9 @@ def use_cuda_graphs(cfg: Config, dims, device: torch.device, backend: str) -> bo
                 and (cfg.model.mixer == "Mamba2" or cfg.model.ssm_cfg.get("use_fast_path", True)))
     if cfg.train.cuda_graphs == "auto":
         # (recomputation inside a captured graph is not yet checked on a GPU: auto leaves that case eager)
-        return possible and cfg.model.mixer == "Mamba2" and backend == "fused" and cfg.train.ac_fraction == 0
+        # hybrids stay eager too: flex_attention builds its block mask from each batch's seq_idx
+        return (possible and cfg.model.mixer == "Mamba2" and backend == "fused" and cfg.train.ac_fraction == 0
+                and not cfg.model.attn_layer_idx)
     if cfg.train.cuda_graphs and not possible:
         log.warning("train.cuda_graphs=true needs CUDA, zero_stage 0, tp 1, one data-parallel rank and (Mamba-1) "
                     "ssm_cfg.use_fast_path; eager step")
@@ -542,6 +544,19 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
     nb = device.type == "cuda"
     return (batch["input_ids"].to(device, non_blocking=nb), batch["labels"].to(device, non_blocking=nb),
             batch["seq_idx"].to(device, non_blocking=nb))
+
+
+def _packed_attention_flops(flops, host_batches: list, cfg: Config):
+    """Attention layers' FLOPs depend on the documents packed into each row (the mask's share): count them at this
+    step's rows (this rank's, read from the host copies of seq_idx). Pure-Mamba models: unchanged."""
+    if not cfg.model.attn_layer_idx:
+        return flops
+    from mamba_dist.model.flops import attention_context
+    from mamba_dist.model.packing import doc_lengths
+
+    rows = [n for b in host_batches for n in doc_lengths(b["seq_idx"])]
+    return flops.with_attention_context(attention_context(cfg.data.seq_len, rows,
+                                                          cfg.model.attn_cfg.get("causal", True)))
 
 
 @torch.no_grad()
@@ -697,7 +712,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         while prog.step < derived.total_steps:
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # this step's (DeepSpeed advances it inside the last backward)
-            micro_batches = [_to_device(next(batches), device) for _ in range(derived.grad_accum)]
+            host_batches = [next(batches) for _ in range(derived.grad_accum)]
+            micro_batches = [_to_device(b, device) for b in host_batches]
             faults.inject_test_faults(training, prog.step + 1)
             loss, grad_norm, applied = train_step(training, micro_batches, dims, amp, fused_ce)
             prog.step += 1
@@ -713,8 +729,9 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                 if hasattr(train_loader, "source_epochs"):  # a mixture: the epoch each source is in
                     rec.update({f"{n}/epoch": e for n, e in train_loader.source_epochs().items()})
                 if peak:
-                    rec["mfu"] = flops.train() * tok_s / (peak * derived.world_size)
-                    rec["hfu"] = flops.hardware(n_recomputed) * tok_s / (peak * derived.world_size)
+                    step_flops = _packed_attention_flops(flops, host_batches, cfg)
+                    rec["mfu"] = step_flops.train() * tok_s / (peak * derived.world_size)
+                    rec["hfu"] = step_flops.hardware(n_recomputed) * tok_s / (peak * derived.world_size)
                 metrics.log(prog.step, "train", rec)
             guard.update(prog.step, applied, loss_val, grad_norm.item(), prog.skipped)  # raises RunHalted
             if saver is not None:

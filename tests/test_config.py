@@ -51,6 +51,15 @@ def test_yaml_1_1_numbers_and_strings_coerce():
     (["data.path="], "data.path: required"),
     (["optim.lr"], "optim.lr: overrides are key=value"),
     (["train.max_steps.x=1"], "train.max_steps.x: train.max_steps has no sub-keys"),
+    (["model.attn_layer_idx=[1]"], "model.attn_cfg.num_heads: required when model.attn_layer_idx is set"),
+    (["model.attn_layer_idx=[1, 24]", "model.attn_cfg.num_heads=8"],
+     "model.attn_layer_idx: 24 is not a layer index (0..23)"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=8", "model.attn_cfg.num_heads_kv=3"],
+     "model.attn_cfg.num_heads_kv: 3 does not divide num_heads=8"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=8", "model.attn_cfg.n_heads_kv=2"],
+     "model.attn_cfg.n_heads_kv: not an argument of the attention layer"),
+    (["model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=8", "model.attn_cfg.rotary_emb_dim=200"],
+     "model.attn_cfg.rotary_emb_dim: must be even and <= head_dim=96, got 200"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -108,7 +117,7 @@ def test_every_config_file_loads_and_validates(path):
     cfg = load_config(str(path))
     validate_config(cfg)
     # every shipped config runs on one process and on 8 (except the CPU demos, which are sized for 1-2)
-    for world in ((1, 2) if path.name.startswith("tiny") else (1, 8)):
+    for world in ((1, 2) if "tiny" in path.name else (1, 8)):
         validate_runtime(cfg, world)
     assert cfg.model.mamba_config_dict()["ssm_cfg"]["layer"] == cfg.model.mixer
 
@@ -119,7 +128,10 @@ def test_every_config_file_loads_and_validates(path):
 # d*(2*di+2*128+H), conv (di+256)*5, dt_bias/A_log/D 3H, gated norm di, out_proj di*d, norm d (H = di/64).
 RELEASED = {"mamba-130m": 129135360, "mamba-370m": 371516416, "mamba-790m": 793204224, "mamba-1.4b": 1372178432,
             "mamba-2.8b": 2768345600, "mamba2-130m": 128989632, "mamba2-370m": 368346624, "mamba2-780m": 780161280,
-            "mamba2-1.3b": 1343757312, "mamba2-2.7b": 2702599680}
+            "mamba2-1.3b": 1343757312, "mamba2-2.7b": 2702599680,
+            # mamba2-2.7b with 6 of its 64 Mamba-2 layers (40,216,560 parameters each) replaced by attention
+            # (39,381,760 each: in_proj 2560 x 128*(30+2*30), conv1d 11520*(4+1), out_proj 3840 x 2560, norm 2560)
+            "mamba2attn-2.7b": 2702599680 - 6 * (40216560 - 39381760)}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -128,7 +140,7 @@ def test_every_config_builds_the_model(path):
 
     cfg = load_config(str(path))
     name = path.stem
-    if name.startswith("tiny"):
+    if "tiny" in name:
         model = MambaLMHeadModel(cfg.model.to_mamba_config(), backend="reference")  # real weights: it is small
         ids = torch.randint(0, cfg.model.vocab_size, (1, 16))
         logits = model(ids)

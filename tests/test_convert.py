@@ -243,6 +243,10 @@ LAYOUT_CONFIGS = [
                   "bias": True}),
     dict(d_model=32, n_layer=1, vocab_size=64, ssm_cfg={"layer": "Mamba2", "d_state": 8, "headdim": 8,
                                                         "ngroups": 4, "conv_bias": False}),
+    # a hybrid: attention (GQA, its conv, in-attention MLP, biases) between Mamba-1 layers
+    dict(d_model=32, n_layer=3, vocab_size=64, ssm_cfg={"layer": "Mamba1", "d_state": 8}, attn_layer_idx=[1],
+         attn_cfg={"num_heads": 8, "num_heads_kv": 4, "head_dim": 4, "d_conv": 4, "mlp_dim": 32,
+                   "rotary_emb_dim": 4}),
 ]
 
 

@@ -82,3 +82,42 @@ def test_training_is_three_forwards(mixer):
     assert len(linears) >= 2 * kw["n_layer"] + 1  # in_proj, out_proj (+ x_proj, dt_proj), the head
     assert counts["forward"] / (BATCH * SEQ) == pytest.approx(f.matmul + f.lm_head, rel=1e-9)
     assert counts["train"] / (BATCH * SEQ) == pytest.approx(3 * (f.matmul + f.lm_head), rel=1e-9)
+
+
+def test_attention_flops_match_counted_work():
+    """Attention layers (GQA, conv, in-attention MLP): projections, conv and QK^T + AV as FlopCounterMode counts
+    them. Non-causal rows without seq_idx, where SDPA computes exactly the pairs flops.py counts (the full square);
+    causal and packed rows change only the context (checked against the mask below)."""
+    attn = {"num_heads": 4, "num_heads_kv": 2, "head_dim": 8, "d_conv": 4, "mlp_dim": 100, "causal": False,
+            "rotary_emb_dim": 4}
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=300, attn_layer_idx=[0, 1], attn_cfg=attn)
+    f = flops_per_token(cfg.to_dict(), SEQ)
+    q, qkv, mlp = 32, 8 * (4 + 2 * 2), 256
+    assert f.matmul == 2 * 2 * (32 * (qkv + mlp) + (q + mlp // 2) * 32)
+    assert f.scan == 2 * 4 * q * SEQ and f.attn_context == SEQ
+    conv_counted = f.conv * (SEQ + 3) / SEQ  # F.conv1d's W-1 padded outputs, as above
+    assert counted_forward_flops(cfg) == pytest.approx(f.matmul + f.lm_head + conv_counted + f.scan, rel=1e-9)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_context_is_the_masks_share(causal):
+    """The mean keys per query flops.py uses (causal half, document mask) equals the count of allowed pairs in the
+    attention mask the reference kernel builds."""
+    from mamba_dist.model.flops import attention_context
+    from mamba_dist.model.ops.reference import document_mask
+    from mamba_dist.model.packing import doc_lengths, seq_idx_from_lengths
+
+    rows = [[10, 1, 53], [64], [32, 32]]
+    seq_idx = seq_idx_from_lengths(rows)
+    assert doc_lengths(seq_idx) == rows
+    allowed = document_mask(seq_idx, 64, causal).sum().item() / seq_idx.numel()
+    assert attention_context(64, rows, causal) == pytest.approx(allowed, rel=1e-12)
+    if causal:
+        assert attention_context(64) == 65 / 2  # one document per row: half the square (and the diagonal)
+    attn = {"num_heads": 4, "causal": causal}
+    cfg = {"d_model": 32, "n_layer": 3, "vocab_size": 64, "attn_layer_idx": [1], "attn_cfg": attn}
+    packed, whole = flops_per_token(cfg, 64, rows), flops_per_token(cfg, 64)
+    assert packed.scan - whole.scan == pytest.approx(4 * 32 * (allowed - whole.attn_context), rel=1e-9)
+    assert whole.with_attention_context(allowed).forward == pytest.approx(packed.forward, rel=1e-12)
+    assert packed.per_layer[1] - whole.per_layer[1] == pytest.approx(4 * 32 * (allowed - whole.attn_context))
+    assert packed.per_layer[0] == whole.per_layer[0]  # Mamba layers do not depend on the packing

@@ -60,6 +60,8 @@ def _cfg(layer, d_model=64, vocab=1000, mult=8, **ssm):
         (_cfg("Mamba2", d_model=64, headdim=16, ngroups=1), 2, "tp=2 does not divide Mamba-2 ngroups=1"),
         (_cfg("Mamba2", d_model=64, headdim=16, ngroups=2), 4, "tp=4 does not divide Mamba-2 ngroups=2"),
         (_cfg("Mamba1", vocab=1001, mult=1), 2, "padded vocab size 1001 is not divisible by tp=2"),
+        ({**_cfg("Mamba1"), "attn_layer_idx": [1], "attn_cfg": {"num_heads": 8, "num_heads_kv": 2}}, 4,
+         "tp=4 does not divide the attention layers' num_heads_kv=2"),
     ],
 )
 def test_bad_model_layout(cfg, tp, needle):
@@ -122,6 +124,8 @@ class _FakeDims:
         (dict(ssm_cfg={"layer": "Mamba2", "headdim": 16, "ngroups": 1, "d_state": 8}), 2,
          "tp=2 does not divide Mamba-2 ngroups=1"),
         (dict(vocab_size=61, pad_vocab_size_multiple=1), 2, "padded vocab size 61 is not divisible by tp=2"),
+        (dict(n_layer=2, attn_layer_idx=[1], attn_cfg={"num_heads": 4, "num_heads_kv": 1}), 2,
+         "tp=2 does not divide the attention layers' num_heads_kv=1"),
     ],
 )
 def test_apply_tp_rejects_bad_layout_before_touching_the_model(kw, tp, needle):

@@ -1,6 +1,7 @@
 """Tensor parallelism equals no tensor parallelism (CPU, gloo, 4 spawned ranks, fp32).
 
-For Mamba-1 and Mamba-2 with packed documents (seq_idx resets on), TP=2 and TP=4, with and without sequence
+For Mamba-1 and Mamba-2, and hybrids of both with attention layers, with packed documents (seq_idx resets and
+document masks on), TP=2 and TP=4, with and without sequence
 parallelism: the gathered logits, the loss and every parameter gradient (gathered back to full shape) equal the
 single-process model's within 1e-5 (relative to each tensor's largest entry). Activation recomputation on top of
 TP + SP gives the same gradients and really recomputes. Weights and AdamW state saved at TP=2 in the
@@ -18,6 +19,8 @@ from _parallel_models import batch, build_model
 
 TOL = 1e-5
 CASES = [(tp, sp) for tp in (2, 4) for sp in (False, True)]
+# hybrid*: attention layers (GQA, rotary, document mask) at 2 of 4 layers, split by head (_parallel_models.py)
+KINDS = ("mamba1", "mamba2", "mamba2-mlp", "hybrid1", "hybrid2")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,6 +61,7 @@ def _tp_worker(rank, world, kinds):
                 "grad": grad_errs[worst],
                 "worst_grad": worst,
                 "n_grads": len(grads),
+                "attn_heads": [(m.num_heads, m.num_heads_kv) for m in model.modules() if hasattr(m, "num_heads_kv")],
             }
         out[(kind, "ac")] = _ac_check(base, ids, labels, seq_idx, ref_grads, world)
     out["reshard"] = _reshard_check(build_model("mamba2"), world)
@@ -126,7 +130,7 @@ def _reshard_check(base, world):
 
 @pytest.fixture(scope="module")
 def tp_results():
-    per_rank = run_ranks(_tp_worker, 4, ("mamba1", "mamba2", "mamba2-mlp"))
+    per_rank = run_ranks(_tp_worker, 4, KINDS)
     merged = {"reshard": per_rank[0]["reshard"], "comm": [r["comm"] for r in per_rank]}
     for res in per_rank:
         for key, errs in res.items():
@@ -140,16 +144,18 @@ def tp_results():
 
 
 @pytest.mark.parametrize("tp, sp", CASES, ids=[f"tp{tp}{'-sp' if sp else ''}" for tp, sp in CASES])
-@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "mamba2-mlp"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_tp_equals_single_process(tp_results, kind, tp, sp):
     r = tp_results[(kind, tp, sp)]
     assert r["n_grads"] > 10
     assert r["logits"] <= TOL, r
     assert r["loss"] <= TOL, r
     assert r["grad"] <= TOL, r
+    # attention layers are really split by head (8 query / 4 kv heads in full)
+    assert r["attn_heads"] == ([(8 // tp, 4 // tp)] * 2 if kind.startswith("hybrid") else []), r
 
 
-@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "hybrid1", "hybrid2"])
 def test_activation_recomputation_under_tp(tp_results, kind):
     r = tp_results[(kind, "ac")]
     assert r["mixer_calls_per_layer"] == 2  # forward + recomputation in backward

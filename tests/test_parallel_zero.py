@@ -12,6 +12,8 @@
 - A TP=2 x DP=2 ZeRO-2 checkpoint resumes exactly: the losses after loading equal the uninterrupted run's.
 - DDP over the DP group x TP=2 with sequence parallelism, activation recomputation and our TP-aware
   clip_grad_norm_ equals single-process AdamW.
+- Hybrids (attention layers among Mamba-1 / Mamba-2 layers) under ZeRO-1/2/3 at TP=2 x DP=2 (ZeRO-3 with SP and
+  recomputation), clipping active, equal single-process AdamW over 5 steps.
 - precision=bf16 under DeepSpeed (torch_autocast) keeps A_log, D and dt biases in fp32 and tracks the fp32 losses.
 
 One spawn per world size (module-scoped fixtures) serves all cases: DeepSpeed builds further engines in the same
@@ -251,3 +253,42 @@ def test_deepspeed_bf16_keeps_ssm_params_fp32(zero_tp2):
            or n.endswith("dt_proj.bias")}
     assert ssm and all(d == torch.float32 for d in ssm.values()), ssm
     assert 1e-6 < r["loss"] <= 2e-2, r  # bf16 matmuls ran (not bit-equal to fp32) and track the fp32 run
+
+
+# ------------------------------------------------------------------------------------------------ hybrid models
+HYBRID_KINDS = ("hybrid1", "hybrid2")
+
+
+def _zero_hybrid_worker(rank, world, tp):
+    """Hybrids (attention at 2 of 4 layers, _parallel_models.py) under ZeRO-1, -2 and -3 (+ SP + recomputation)
+    at TP=2 x DP=2, clipping active: 5 steps equal single-process AdamW."""
+    from mamba_dist.parallel import ParallelDims
+
+    out = {}
+    for kind in HYBRID_KINDS:
+        base = build_model(kind)
+        dp = world // tp
+        out[(kind, "ref")] = ref_losses, ref_norms = _reference(base, dp, CLIP)
+        for stage in STAGES:
+            dims = ParallelDims(tp=tp, sequence_parallel=stage == 3, world_size=world).build()
+            engine = _engine(base, dims, stage, CLIP, ac_fraction=0.5 if stage == 3 else 0.0)
+            losses, norms = _train(engine, base, dims, STEPS)
+            out[(kind, stage)] = {"loss": _max_rel(losses, ref_losses), "norm": _max_rel(norms, ref_norms)}
+            del engine
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero_hybrid():
+    return run_ranks(_zero_hybrid_worker, 4, 2)[0]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("kind", HYBRID_KINDS)
+def test_zero_hybrid_equals_adamw(zero_hybrid, kind, stage):
+    ref_losses, ref_norms = zero_hybrid[(kind, "ref")]
+    assert min(ref_norms) > CLIP, "clipping must be active in this test"
+    r = zero_hybrid[(kind, stage)]
+    assert r["loss"] <= TOL, (r, ref_losses)
+    assert r["norm"] <= TOL, r
+    assert ref_losses[-1] < ref_losses[0]

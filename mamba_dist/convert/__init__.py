@@ -122,8 +122,6 @@ def export_mamba_ssm(checkpoint: str, out: str, tokenizer: Optional[str] = None,
 
     ck = source.open_checkpoint(checkpoint)
     config = ck.model_config
-    if config.attn_layer_idx:
-        raise formats.RefusedError("mamba_ssm export: attention layers are not supported here")
     try:
         tok = tokenizer_files.resolve_tokenizer(ck, tokenizer)
     except (ConvertError, TokenizerError) as e:
@@ -139,7 +137,7 @@ def export_mamba_ssm(checkpoint: str, out: str, tokenizer: Optional[str] = None,
         del state
         # MambaConfig's fields only: mamba_ssm's from_pretrained calls MambaConfig(**json)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=4)
+            json.dump(formats.mamba_ssm_config_dict(config), f, indent=4)
         if tok is not None:
             tokenizer_files.write_tokenizer(tok, tmp)
     log.info("exported %s (step %s) to %s (mamba_ssm MambaLMHeadModel)", ck.path, ck.meta.get("step"), out)
@@ -170,7 +168,7 @@ def import_model(src: str, out: str, tp: int = 1, overwrite: bool = False, progr
         kind = "Hugging Face"
     elif os.path.isfile(os.path.join(src, "pytorch_model.bin")):
         try:
-            config = MambaConfig.from_dict(formats.read_json(os.path.join(src, "config.json")))
+            config = formats.mamba_ssm_config(formats.read_json(os.path.join(src, "config.json")))
         except (ValueError, TypeError) as e:
             raise ConvertError(f"{src}/config.json is not a mamba_ssm MambaConfig ({e})") from None
         sd = torch.load(os.path.join(src, "pytorch_model.bin"), map_location="cpu", mmap=True, weights_only=True)

@@ -24,6 +24,7 @@ on load). Tensors are read and written one at a time (safetensors' safe_open on 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Iterator, Optional
@@ -35,6 +36,8 @@ from mamba_dist.model.config import resolved_ssm_cfg
 
 from .source import ConvertError
 
+log = logging.getLogger(__name__)
+
 NORM_EPS = 1e-5  # RMSNorm / gated RMSNorm epsilon of our model and mamba_ssm's
 HF_EMB = "backbone.embeddings.weight"
 OUR_EMB = "backbone.embedding.weight"
@@ -43,6 +46,27 @@ MAMBA_SSM_KEY = "mamba_ssm_config"
 
 class RefusedError(ConvertError):
     """The target format cannot represent the model."""
+
+
+# --------------------------------------------------------------------------------------------- mamba_ssm config
+def mamba_ssm_config_dict(config: MambaConfig) -> dict:
+    """config.json for mamba_ssm: our MambaConfig's fields, with attn_cfg's `causal` always written out (mamba_ssm's
+    MHA defaults to causal=False, ours to True: leaving it out would load a bidirectional attention there)."""
+    d = config.to_dict()
+    if d["attn_layer_idx"]:
+        d["attn_cfg"] = {**d["attn_cfg"], "causal": config.resolved_attn_cfg()["causal"]}
+    return d
+
+
+def mamba_ssm_config(d: dict) -> MambaConfig:
+    """Our MambaConfig for a mamba_ssm config.json dict. A hybrid whose attn_cfg leaves `causal` out is
+    bidirectional in mamba_ssm; that is kept (the checkpoint was trained so), with a warning."""
+    d = dict(d)
+    if d.get("attn_layer_idx") and "causal" not in (d.get("attn_cfg") or {}):
+        log.warning("config.json: attn_cfg has no 'causal'; mamba_ssm's default (causal=false: the attention sees "
+                    "later tokens) is kept. Set model.attn_cfg.causal=true to train a language model from it")
+        d["attn_cfg"] = {**d["attn_cfg"], "causal": False}
+    return MambaConfig.from_dict(d)
 
 
 # --------------------------------------------------------------------------------------------- HF config
@@ -60,7 +84,8 @@ def hf_config(config: MambaConfig, special_ids: Optional[dict] = None, dtype: st
     target = "MambaForCausalLM" if mixer == "Mamba1" else "Mamba2ForCausalLM"
     _refuse(config.d_intermediate > 0, f"d_intermediate={config.d_intermediate} (an MLP after each mixer)", target)
     _refuse(not config.rms_norm, "rms_norm=False (LayerNorm; HF's Mamba blocks use RMSNorm)", target)
-    _refuse(bool(config.attn_layer_idx), f"attention layers {config.attn_layer_idx}", target)
+    _refuse(bool(config.attn_layer_idx), f"a hybrid with attention layers {config.attn_layer_idx} (no HF class "
+            f"loads mamba_ssm's hybrid layout; use export-mamba-ssm)", target)
     d = config.d_model
     common = dict(vocab_size=config.padded_vocab_size, hidden_size=d, num_hidden_layers=config.n_layer,
                   state_size=ssm["d_state"], expand=ssm["expand"], conv_kernel=ssm["d_conv"],

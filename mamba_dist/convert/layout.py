@@ -50,6 +50,17 @@ def shard_specs(config: MambaConfig) -> dict[str, Spec]:
                 specs[pre + "conv1d.bias"] = (0, (d_ssm, GN, GN))
             if getattr(m, "norm", None) is not None:
                 specs[pre + "norm.weight"] = (0, (d_ssm,))
+        elif hasattr(m, "num_heads_kv"):  # attention (MHA): by head, as parallel/tp.py's _tp_attention
+            H, Hkv, Dh = m.num_heads, m.num_heads_kv, m.head_dim
+            qkv = (H * Dh, Hkv * Dh, Hkv * Dh)
+            mlp = m.in_proj.weight.shape[0] - sum(qkv)
+            col = (0, _nonzero(*qkv, mlp // 2, mlp // 2))
+            specs.update({pre + "in_proj.weight": col, pre + "out_proj.weight": (1, _nonzero(H * Dh, mlp // 2))})
+            if m.in_proj.bias is not None:
+                specs[pre + "in_proj.bias"] = col
+            if getattr(m, "conv1d", None) is not None:
+                specs[pre + "conv1d.weight"] = (0, qkv)
+                specs[pre + "conv1d.bias"] = (0, qkv)
         else:  # Mamba-1
             di = m.d_inner
             specs.update({pre + "in_proj.weight": (0, (di, di)), pre + "conv1d.weight": (0, (di,)),

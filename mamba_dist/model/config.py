@@ -35,6 +35,14 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.ssm_cfg must be a dict, got {type(self.ssm_cfg).__name__}")
         if self.mixer not in MIXERS:
             raise ValueError(f"MambaConfig.ssm_cfg['layer'] must be one of {MIXERS}, got {self.mixer!r}")
+        if not isinstance(self.attn_layer_idx, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layer for i in self.attn_layer_idx):
+            raise ValueError(f"MambaConfig.attn_layer_idx must be layer indices in [0, {self.n_layer}), "
+                             f"got {self.attn_layer_idx!r}")
+        if not isinstance(self.attn_cfg, dict):
+            raise ValueError(f"MambaConfig.attn_cfg must be a dict, got {type(self.attn_cfg).__name__}")
+        if self.attn_layer_idx and "num_heads" not in self.attn_cfg:
+            raise ValueError("MambaConfig.attn_cfg: num_heads is required when attn_layer_idx is set")
 
     @property
     def mixer(self) -> str:
@@ -48,6 +56,10 @@ class MambaConfig:
         """ssm_cfg with the mixer's defaults filled in (tuples as lists): two configs that build the same mixer
         compare equal, however many default-valued keys each spells out."""
         return resolved_ssm_cfg(self.ssm_cfg)
+
+    def resolved_attn_cfg(self) -> dict:
+        """attn_cfg with MHA's defaults filled in (causal: true, explicitly, see model/mha.py)."""
+        return resolved_attn_cfg(self.attn_cfg)
 
     def to_dict(self) -> dict:
         """The mamba_ssm config.json dict."""
@@ -84,3 +96,18 @@ def resolved_ssm_cfg(ssm_cfg: dict) -> dict:
         return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
     return {k: plain(v) for k, v in out.items()}
+
+
+_NOT_ATTN_CONFIG = {"self", "embed_dim", "layer_idx", "backend", "device", "dtype"}
+
+
+def resolved_attn_cfg(attn_cfg: dict) -> dict:
+    """attn_cfg with MHA's defaults filled in. `causal` is always present: mamba_ssm's MHA defaults to False
+    (bidirectional), ours to True, so a config that leaves it out means different models in the two."""
+    import inspect
+
+    from .mha import MHA
+
+    params = inspect.signature(MHA.__init__).parameters
+    return {**{k: p.default for k, p in params.items() if k not in _NOT_ATTN_CONFIG
+               and p.default is not inspect.Parameter.empty}, **dict(attn_cfg or {})}

@@ -20,8 +20,14 @@ Counting rules (a multiply-add is 2 FLOPs; per token; forward pass):
       state passing       between chunks:                   2 * H * P * N / Q
       state output        C . state per head:               2 * H * P * N
     The kernels compute the full Q x Q diagonal blocks, causal mask included, so they are counted in full.
-  Attention layers (attn_layer_idx, if any): projections as matmuls; scores + values 4 * seq_len * d_attn
-    (full square, as the same convention).
+  Attention layers (attn_layer_idx, if any; H query heads, Hkv kv heads of head_dim Dh, q_dim = H * Dh):
+      projections         in_proj d_model -> (H + 2 Hkv) Dh + mlp_dim, out_proj q_dim + mlp_dim/2 -> d_model
+      conv (d_conv > 0)   2 * (H + 2 Hkv) Dh * d_conv
+      scores QK^T + AV    4 * q_dim * c, c = the mean number of keys a query attends to: only pairs the mask
+                          allows count (useful work, the FlashAttention / PaLM convention), so causal is half the
+                          square, (L + 1) / 2 for one document per row; with packed documents (seq_idx)
+                          c = sum_d l_d (l_d + 1) / 2 / L, the document mask's share (`attention_context`).
+                          `flops_per_token(..., doc_lengths=...)` or `FlopCount.with_attention_context(c)` apply it.
   Not counted: elementwise work (norms, activations, softplus, gating, residual adds) and the softmax/loss,
   O(d) per token, under 1% at the released sizes (PaLM appendix B makes the same choice for transformers).
 
@@ -33,7 +39,7 @@ MFU = model FLOPs/token * tokens/s / (peak FLOP/s per device * devices).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def _get(cfg, key, default=None):
@@ -51,6 +57,21 @@ class FlopCount:
     scan: float  # SSM scan terms (and attention scores)
     lm_head: float
     per_layer: list  # forward FLOPs/token of each block (for recomputation)
+    attn_scores: dict = field(default_factory=dict)  # {attention layer: its QK^T + AV FLOPs/token (in scan)}
+    attn_context: float = 0.0  # the mean keys per query those scores were counted at
+
+    def with_attention_context(self, context: float) -> "FlopCount":
+        """The same count with the attention scores at another mean context (keys per query), e.g. the one of
+        the packed batches actually trained (`attention_context`)."""
+        if not self.attn_scores:
+            return self
+        k = context / self.attn_context
+        per_layer = list(self.per_layer)
+        for i, flops in self.attn_scores.items():
+            per_layer[i] += flops * (k - 1)
+        return FlopCount(matmul=self.matmul, conv=self.conv, scan=self.scan + sum(self.attn_scores.values()) * (k - 1),
+                         lm_head=self.lm_head, per_layer=per_layer,
+                         attn_scores={i: f * k for i, f in self.attn_scores.items()}, attn_context=context)
 
     @property
     def forward(self) -> float:
@@ -99,14 +120,24 @@ def _mlp_layer(d_model: int, d_intermediate: int) -> float:
     return 2 * (d_model * 2 * d_intermediate + d_intermediate * d_model) if d_intermediate > 0 else 0.0
 
 
-def _attn_layer(d_model: int, attn: dict, seq_len: int) -> tuple[float, float]:
-    num_heads = attn.get("num_heads", 8)
+def _attn_layer(d_model: int, attn: dict) -> tuple[float, float, float]:
+    """(projections, conv, scores per unit of context) FLOPs/token of one attention layer."""
+    num_heads = attn["num_heads"]
     num_heads_kv = attn.get("num_heads_kv") or num_heads
     head_dim = attn.get("head_dim") or d_model // num_heads
+    mlp_dim = math.ceil((attn.get("mlp_dim") or 0) / 256) * 256  # as MHA rounds it
     q, kv = num_heads * head_dim, num_heads_kv * head_dim
-    proj = 2 * (d_model * (q + 2 * kv) + q * d_model)
-    scores = 4 * seq_len * q
-    return proj, scores
+    proj = 2 * (d_model * (q + 2 * kv + mlp_dim) + (q + mlp_dim // 2) * d_model)
+    conv = 2 * (q + 2 * kv) * (attn.get("d_conv") or 0)
+    return proj, conv, 4 * q
+
+
+def attention_context(seq_len: int, doc_lengths=None, causal: bool = True) -> float:
+    """Mean number of keys a query attends to: doc_lengths is a list of rows, each a list of document lengths
+    summing to seq_len (None: one document per row). Causal: sum_d l_d (l_d + 1) / 2 / L; else sum_d l_d^2 / L."""
+    rows = doc_lengths if doc_lengths else [[seq_len]]
+    pairs = sum(n * (n + 1) / 2 if causal else n * n for row in rows for n in row)
+    return pairs / sum(sum(row) for row in rows)
 
 
 def padded_vocab(cfg) -> int:
@@ -115,8 +146,9 @@ def padded_vocab(cfg) -> int:
     return vocab + (-vocab % mult)
 
 
-def flops_per_token(cfg, seq_len: int) -> FlopCount:
-    """Forward FLOPs per token of the model described by `cfg` (mamba_ssm MambaConfig fields) at `seq_len`."""
+def flops_per_token(cfg, seq_len: int, doc_lengths=None) -> FlopCount:
+    """Forward FLOPs per token of the model described by `cfg` (mamba_ssm MambaConfig fields) at `seq_len`;
+    attention layers at the context of `doc_lengths` (rows of document lengths; None: one document per row)."""
     d_model = _get(cfg, "d_model")
     n_layer = _get(cfg, "n_layer")
     ssm = dict(_get(cfg, "ssm_cfg", None) or {})
@@ -124,12 +156,13 @@ def flops_per_token(cfg, seq_len: int) -> FlopCount:
     attn_idx = set(_get(cfg, "attn_layer_idx", None) or [])
     attn_cfg = dict(_get(cfg, "attn_cfg", None) or {})
     mlp = _mlp_layer(d_model, _get(cfg, "d_intermediate", 0) or 0)
+    context = attention_context(seq_len, doc_lengths, attn_cfg.get("causal", True)) if attn_idx else 0.0
     matmul = conv = scan = 0.0
-    per_layer = []
+    per_layer, attn_scores = [], {}
     for i in range(n_layer):
         if i in attn_idx:
-            m, s = _attn_layer(d_model, attn_cfg, seq_len)  # scores count with the sequence-mixing terms
-            c = 0.0
+            m, c, per_key = _attn_layer(d_model, attn_cfg)
+            s = attn_scores[i] = per_key * context  # scores count with the sequence-mixing terms
         elif layer == "Mamba2":
             m, c, s = _mamba2_layer(d_model, ssm, seq_len)
         elif layer == "Mamba1":
@@ -140,7 +173,8 @@ def flops_per_token(cfg, seq_len: int) -> FlopCount:
         matmul, conv, scan = matmul + m, conv + c, scan + s
         per_layer.append(m + c + s)
     lm_head = 2.0 * d_model * padded_vocab(cfg)
-    return FlopCount(matmul=matmul, conv=conv, scan=scan, lm_head=lm_head, per_layer=per_layer)
+    return FlopCount(matmul=matmul, conv=conv, scan=scan, lm_head=lm_head, per_layer=per_layer,
+                     attn_scores=attn_scores, attn_context=context)
 
 
 # Dense peak FLOP/s per device (vendor datasheets, SXM parts, no sparsity). fp32 means plain FP32 (no TF32).

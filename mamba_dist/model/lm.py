@@ -1,9 +1,10 @@
 """Mamba language model with mamba_ssm 2.3's structure and state_dict names (models/mixer_seq_simple.py):
 embedding -> n_layer x Block(norm -> mixer [-> norm2 -> GatedMLP]) with an fp32 residual stream -> norm_f -> tied
-lm_head."""
+lm_head. The mixer is Mamba / Mamba2, or MHA (attention, with document masking) at the attn_layer_idx layers."""
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 from typing import Optional, Union
@@ -16,7 +17,10 @@ from .backend import kernels, resolve_backend
 from .config import MambaConfig
 from .mamba1 import Mamba
 from .mamba2 import Mamba2, RMSNormGated
+from .mha import MHA
 from .ops.cross_entropy import linear_cross_entropy
+
+log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
@@ -110,12 +114,12 @@ class Block(nn.Module):
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
 
-    def step(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor], conv_state: torch.Tensor,
-             ssm_state: torch.Tensor):
-        """forward for one token (B, 1, d_model) through the mixer's recurrent step."""
+    def step(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor], *states: torch.Tensor):
+        """forward for one token (B, 1, d_model) through the mixer's recurrent step; `states` are the mixer's
+        (Mamba: conv_state, ssm_state; attention: conv_state, kv cache, position)."""
         hidden_states, residual = self.norm(hidden_states, residual, prenorm=True,
                                             residual_in_fp32=self.residual_in_fp32)
-        hidden_states = self.mixer.step(hidden_states, conv_state, ssm_state)
+        hidden_states = self.mixer.step(hidden_states, *states)
         if self.mlp is not None:
             hidden_states, residual = self.norm2(hidden_states, residual, prenorm=True,
                                                  residual_in_fp32=self.residual_in_fp32)
@@ -147,27 +151,33 @@ class MixerModel(nn.Module):
                  dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if config.attn_layer_idx:
-            raise NotImplementedError(
-                f"attention layers (attn_layer_idx={config.attn_layer_idx}) are not implemented; use pure Mamba")
         self.residual_in_fp32 = config.residual_in_fp32
         d = config.d_model
         self.embedding = nn.Embedding(config.padded_vocab_size, d, **factory)
         norm_cls = partial(RMSNorm if config.rms_norm else LayerNorm, eps=1e-5, backend=backend, **factory)
         ssm_cfg = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
         mixer_cls = Mamba2 if config.mixer == "Mamba2" else Mamba
+        attn_layers = set(config.attn_layer_idx)
         layers = []
         for i in range(config.n_layer):
             try:
-                mixer = mixer_cls(d, layer_idx=i, backend=backend, **ssm_cfg, **factory)
+                if i in attn_layers:
+                    mixer = MHA(d, layer_idx=i, backend=backend, **config.attn_cfg, **factory)
+                else:
+                    mixer = mixer_cls(d, layer_idx=i, backend=backend, **ssm_cfg, **factory)
             except TypeError as e:
-                raise ValueError(f"ssm_cfg for {config.mixer}: {e}") from None
+                raise ValueError(f"{'attn_cfg' if i in attn_layers else 'ssm_cfg for ' + config.mixer}: {e}") \
+                    from None
             mlp = (GatedMLP(d, hidden_features=config.d_intermediate, out_features=d, **factory)
                    if config.d_intermediate > 0 else None)
             block = Block(d, mixer, norm_cls, mlp, residual_in_fp32=config.residual_in_fp32)
             block.layer_idx = i
             layers.append(block)
         self.layers = nn.ModuleList(layers)
+        if attn_layers:
+            log.info("attention at layers %s: %s", sorted(attn_layers),
+                     "flex_attention with a document block mask (fused backend)" if backend == "fused"
+                     else "SDPA with a dense document mask (reference backend)")
         self.norm_f = norm_cls(d)
         self.apply(partial(_init_weights, n_layer=config.n_layer, **(initializer_cfg or {}),
                            n_residuals_per_layer=1 if config.d_intermediate == 0 else 2))
@@ -180,7 +190,7 @@ class MixerModel(nn.Module):
         return self.norm_f(hidden_states, residual, prenorm=False, residual_in_fp32=self.residual_in_fp32)
 
     def step(self, input_ids: torch.Tensor, cache: dict) -> torch.Tensor:
-        """input_ids (B, 1) -> final hidden states (B, 1, d_model); cache[i] = (conv_state, ssm_state) of layer i."""
+        """input_ids (B, 1) -> final hidden states (B, 1, d_model); cache[i] = the states of layer i's mixer."""
         hidden_states = self.embedding(input_ids)
         residual = None
         for i, layer in enumerate(self.layers):
@@ -256,15 +266,17 @@ class MambaLMHeadModel(nn.Module):
 
     # ----------------------------------------------------------------------------------- recurrent inference
     def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None, dtype=None) -> dict:
-        """{layer index: (conv_state, ssm_state)}: the whole state of the recurrent step, of a size independent of
-        the sequence length (max_seqlen is accepted for mamba_ssm's signature only)."""
+        """{layer index: the mixer's states}: the whole state of the recurrent step. A Mamba layer's (conv_state,
+        ssm_state) has a size independent of the sequence length; an attention layer's KV cache (hybrids) starts
+        at max_seqlen positions (default 256) and grows with the sequence."""
         return {i: layer.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
                 for i, layer in enumerate(self.backbone.layers)}
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token per row through the recurrent step: input_ids (B,) or (B, 1) -> logits (B, padded_vocab);
-        the cache (allocate_inference_cache) is updated in place. Constant time and memory per token."""
+        the cache (allocate_inference_cache) is updated in place. Constant time and memory per token for Mamba
+        layers; attention layers (hybrids) read their KV cache, which grows by one position per token."""
         if input_ids.dim() == 1:
             input_ids = input_ids[:, None]
         if self.backend == "fused" and input_ids.device.type != "cuda":

@@ -29,3 +29,8 @@ def random_packed_batches(n: int, rows: int, seqlen: int, vocab: int, docs: int,
         seq_idx = (torch.arange(seqlen)[None, None, :] >= cuts[:, :, None]).sum(1).to(torch.int32)
         out.append((ids[:, :-1].to(device), ids[:, 1:].to(device), seq_idx.to(device)))
     return out
+
+
+def doc_lengths(seq_idx: torch.Tensor) -> list:
+    """The inverse of seq_idx_from_lengths: per row, the lengths of its documents (runs of equal seq_idx)."""
+    return [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in seq_idx.cpu()]

@@ -199,7 +199,21 @@ def check_model_layout(model_config: Any, tp: int) -> None:
         if hidden % tp:
             raise ParallelLayoutError(f"tp={tp} does not divide the MLP hidden size {hidden}")
     if _cfg_get(model_config, "attn_layer_idx", None):
-        raise ParallelLayoutError("tensor parallelism of attention layers (attn_layer_idx) is not implemented")
+        attn = dict(_cfg_get(model_config, "attn_cfg", None) or {})
+        num_heads = attn.get("num_heads", 1)
+        num_heads_kv = attn.get("num_heads_kv") or num_heads
+        check_attention_tp(num_heads, num_heads_kv, -(-attn.get("mlp_dim", 0) // 256) * 256, tp)
+
+
+def check_attention_tp(num_heads: int, num_heads_kv: int, mlp_dim: int, tp: int) -> None:
+    """Attention layers split by head: every TP rank holds whole kv heads and the query heads that read them."""
+    if num_heads_kv % tp:
+        raise ParallelLayoutError(f"tp={tp} does not divide the attention layers' num_heads_kv={num_heads_kv} "
+                                  f"(model.attn_cfg.num_heads_kv: each rank holds whole kv heads)")
+    if num_heads % tp:
+        raise ParallelLayoutError(f"tp={tp} does not divide the attention layers' num_heads={num_heads}")
+    if (mlp_dim // 2) % tp:
+        raise ParallelLayoutError(f"tp={tp} does not divide the attention layers' MLP width {mlp_dim // 2}")
 
 
 def check_mamba1_tp(d_inner: int, tp: int) -> None:

@@ -13,6 +13,9 @@ dt_proj  column-parallel (weight rows, bias)  | norm    gated RMSNorm weight x_r
 A_log, D channels x_r                         |         the same locally, so each shard normalises whole groups
 out_proj row-parallel                         | out_proj row-parallel
 GatedMLP (d_intermediate > 0): fc1 column-parallel ([y_r ; gate_r]), fc2 row-parallel.
+Attention (MHA, hybrid models): split by head -- in_proj column-parallel, rows [q_r ; k_r ; v_r (; up_r ; gate_r)]
+(num_heads_kv % tp == 0, so each GQA group stays on one rank), conv1d channels [q_r ; k_r ; v_r], out_proj
+row-parallel over [context_r (; mlp_r)]; num_heads / num_heads_kv / mlp_dim set to the local sizes.
 
 Mixer attributes holding inner sizes (d_inner; d_ssm, nheads, ngroups) are set to the local sizes; the mixer code
 reads only those, so the (fused or reference) kernels run unchanged on the local shard and seq_idx resets work
@@ -39,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from .comm import all_reduce_grad_hook, gather_seq
-from .dims import ParallelLayoutError, check_mamba1_tp, check_mamba2_tp
+from .dims import ParallelLayoutError, check_attention_tp, check_mamba1_tp, check_mamba2_tp
 from .layers import (ColumnParallel, RowParallel, VocabParallelEmbed, is_tp_sharded, mark_tp, shard_tensor,
                      unshard_tensors)
 
@@ -50,6 +53,15 @@ def _is_mamba2(mixer: nn.Module) -> bool:
 
 def _is_mamba1(mixer: nn.Module) -> bool:
     return hasattr(mixer, "x_proj") and hasattr(mixer, "dt_proj")
+
+
+def _is_attention(mixer: nn.Module) -> bool:
+    return hasattr(mixer, "num_heads") and hasattr(mixer, "num_heads_kv")
+
+
+def _attention_mlp_width(m: nn.Module) -> int:
+    """The in-attention MLP's width (up + gate) of an MHA at its current (full or local) sizes."""
+    return m.in_proj.weight.shape[0] - m.head_dim * (m.num_heads + 2 * m.num_heads_kv)
 
 
 def check_tp_layout(model: nn.Module, tp: int) -> None:
@@ -67,6 +79,8 @@ def check_tp_layout(model: nn.Module, tp: int) -> None:
             check_mamba2_tp(mixer.d_ssm, mixer.nheads, mixer.ngroups, tp)
         elif _is_mamba1(mixer):
             check_mamba1_tp(mixer.d_inner, tp)
+        elif _is_attention(mixer):
+            check_attention_tp(mixer.num_heads, mixer.num_heads_kv, _attention_mlp_width(mixer), tp)
         else:
             raise ParallelLayoutError(f"layer {i}: tensor parallelism of {type(mixer).__name__} is not implemented")
         mlp = getattr(layer, "mlp", None)
@@ -171,6 +185,24 @@ def _tp_mamba2(m: nn.Module, group, sp: bool) -> None:
     m.use_inner_fn = False  # ops.mamba2_inner would read the swapped submodules' weights and skip their reduces
 
 
+def _tp_attention(m: nn.Module, group, sp: bool) -> None:
+    """MHA split by head: in_proj column-parallel with q, k, v (and the MLP's up / gate halves) sharded separately,
+    so rank r holds query heads r*H/tp.. and kv heads r*Hkv/tp.. -- with Hkv % tp == 0 the query heads of a GQA
+    group land on the rank holding their kv head; the q|k|v conv per channel; out_proj row-parallel over
+    [context | mlp]."""
+    r, tp = group.rank(), group.size()
+    H, Hkv, Dh = m.num_heads, m.num_heads_kv, m.head_dim
+    mlp = _attention_mlp_width(m)
+    check_attention_tp(H, Hkv, mlp, tp)
+    qkv = (H * Dh, Hkv * Dh, Hkv * Dh)
+    m.in_proj = _column(m.in_proj, group, segments=_nonzero(*qkv, mlp // 2, mlp // 2), grad_reduce=not sp)
+    if getattr(m, "conv1d", None) is not None:
+        _shard_conv_(m.conv1d, qkv, r, tp)
+    m.out_proj = _row(m.out_proj, group, segments=_nonzero(H * Dh, mlp // 2), reduce="scatter_seq" if sp else "all")
+    m.num_heads, m.num_heads_kv = H // tp, Hkv // tp
+    m.mlp_dim = mlp // tp
+
+
 def _tp_mlp(mlp: nn.Module, group, sp: bool) -> None:
     """GatedMLP (d_intermediate > 0): fc1 column-parallel with its [y ; gate] halves sharded separately, fc2
     row-parallel -- megatron's MLP split."""
@@ -212,6 +244,8 @@ def apply_tp(model: nn.Module, dims) -> nn.Module:
         mixer = layer.mixer
         if _is_mamba2(mixer):
             _tp_mamba2(mixer, group, sp)
+        elif _is_attention(mixer):
+            _tp_attention(mixer, group, sp)
         else:
             _tp_mamba1(mixer, group, sp)
         if sp:

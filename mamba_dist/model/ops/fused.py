@@ -9,16 +9,20 @@ mamba_inner_fn / mamba_split_conv1d_scan_combined: those read submodule weights 
 weight only around its own module's forward) and tensor parallelism (swaps the submodules) cannot see.
 
 Packed rows (seq_idx): causal_conv1d and the SSD kernels restart at seq_idx changes natively. mamba_ssm's Mamba-1
-selective scan has no reset; `selective_scan` below makes it exact (see its docstring).
+selective scan has no reset; `selective_scan` below makes it exact (see its docstring). Attention (hybrids) needs
+no extension: torch's flex_attention with a block mask from seq_idx (`attention`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 # exp(dt*A) must be exactly 0 in fp32 at a document start: the kernel evaluates exp2f(dt * A * log2(e)), whose
 # result flushes to 0 below 2^-126 (2^-149 without flush-to-zero). dt*|A| >= 200 puts the exponent at -288.
@@ -227,6 +231,64 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
 
 __all__ = ["causal_conv1d", "selective_scan", "ssd_scan", "mamba2_inner", "rms_norm_gated", "add_norm",
            "selective_state_update"]
+
+
+# --------------------------------------------------------------------------------------------- attention
+# torch.nn.attention.flex_attention with a block mask built from seq_idx: blocks (128 x 128) that lie entirely in
+# another document or above the diagonal are skipped, not computed and masked (what SDPA with a dense mask does).
+# One entry per cache, as _starts_cache: every attention layer of a forward (and its recomputation) reuses the
+# block mask of the same seq_idx object.
+_block_mask_cache: list = [None]
+_flex_compiled: list = [None]
+_logged: list = [False]
+
+
+def document_block_mask(seq_idx: Tensor, causal: bool = True):
+    """flex_attention BlockMask: query t sees key s iff seq_idx[b, s] == seq_idx[b, t] (and s <= t if causal)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    hit = _block_mask_cache[0]
+    if hit is not None and hit[0] is seq_idx and hit[1] == seq_idx._version and hit[2] == causal:
+        return hit[3]
+    docs = seq_idx.to(torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = docs[b, q_idx] == docs[b, kv_idx]
+        return same & (q_idx >= kv_idx) if causal else same
+
+    Bsz, L = seq_idx.shape
+    mask = create_block_mask(mask_mod, Bsz, None, L, L, device=seq_idx.device)
+    _block_mask_cache[0] = (seq_idx, seq_idx._version, causal, mask)
+    return mask
+
+
+def _flex(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":  # eager flex (a CPU test of this wrapper's masking); the compiled kernel is CUDA's
+        return flex_attention
+    if _flex_compiled[0] is None:
+        _flex_compiled[0] = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled[0]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, seq_idx: Optional[Tensor] = None, causal: bool = True,
+              softmax_scale: Optional[float] = None) -> Tensor:
+    """reference.attention's signature: q (B, L, H, Dh), k, v (B, L, Hkv, Dh) -> (B, L, H, Dh), in q's dtype.
+    Packed rows run flex_attention with the document block mask (GQA native); rows without seq_idx take SDPA's
+    is_causal path (flash attention), which has no mask to skip."""
+    from . import reference
+
+    if not _logged[0]:
+        log.info("attention kernel: flex_attention with a document block mask (packed rows), SDPA otherwise")
+        _logged[0] = True
+    if seq_idx is None:
+        return reference.sdpa_attention(q, k, v, None, causal, softmax_scale)
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") and q.is_cuda else q.dtype
+    q, k, v = (t.to(dtype).transpose(1, 2) for t in (q, k, v))
+    out = _flex(q.device)(q, k, v, block_mask=document_block_mask(seq_idx, causal), scale=softmax_scale,
+                          enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
 
 
 from .fused_mamba1 import mamba1_inner  # noqa: E402  (the Mamba-1 mixer as one autograd function)

@@ -20,6 +20,7 @@ No Python loop runs over time steps:
   quadratic form inside each chunk from segment sums of log decays (taken in fp64, see `_SegSum`), plus a state
   passed between chunks with the parallel scan above. seq_idx masks the intra-chunk decay matrix, the chunk states,
   the state passing and the state-to-output term.
+- Attention (hybrid models' MHA, `attention`): SDPA with a dense mask built from seq_idx (same document, causal).
 The `*_sequential` twins are the per-time-step oracles the tests compare against.
 """
 
@@ -494,6 +495,64 @@ def add_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Option
     else:
         out = F.layer_norm(rf, rf.shape[-1:], weight.float(), bias.float() if bias is not None else None, eps)
     return out.to(weight.dtype), residual_out
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+def document_mask(seq_idx: Optional[Tensor], seqlen: int, causal: bool, device=None) -> Optional[Tensor]:
+    """(B, 1, L, L) bool, True where query t may attend to key s: same document (seq_idx equal) and, if causal,
+    s <= t. None when there is nothing to mask (no seq_idx and not causal)."""
+    mask = None
+    if causal:
+        mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()[None, None]
+    if seq_idx is not None:
+        same = (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]
+        mask = same if mask is None else same & mask
+    return mask
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, seq_idx: Optional[Tensor] = None, causal: bool = True,
+                   softmax_scale: Optional[float] = None) -> Tensor:
+    """F.scaled_dot_product_attention in the inputs' dtype, with the document mask as a dense boolean mask.
+    q (B, L, H, Dh), k and v (B, L, Hkv, Dh) with Hkv | H (query head h reads kv head h // (H / Hkv)) ->
+    (B, L, H, Dh). Every query keeps at least itself, so no row of the mask is empty. Without seq_idx a causal
+    call takes SDPA's is_causal path (flash / memory-efficient kernels on CUDA)."""
+    H, Hkv = q.shape[2], k.shape[2]
+    if H != Hkv:
+        k = k.repeat_interleave(H // Hkv, dim=2)
+        v = v.repeat_interleave(H // Hkv, dim=2)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if seq_idx is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=softmax_scale)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=document_mask(seq_idx, q.shape[1], causal,
+                                                                                 q.device), scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+@_no_autocast
+def attention(q: Tensor, k: Tensor, v: Tensor, seq_idx: Optional[Tensor] = None, causal: bool = True,
+              softmax_scale: Optional[float] = None) -> Tensor:
+    """Attention with GQA and document masking (see sdpa_attention), computed in fp32, returned in q's dtype."""
+    return sdpa_attention(q.float(), k.float(), v.float(), seq_idx, causal, softmax_scale).to(q.dtype)
+
+
+def attention_sequential(q, k, v, seq_idx=None, causal=True, softmax_scale=None):
+    """Per-query oracle: softmax over exactly the keys each query may see, one query at a time (fp64)."""
+    Bsz, L, H, Dh = q.shape
+    group = H // k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else Dh ** -0.5
+    out = torch.zeros(Bsz, L, H, Dh, dtype=torch.float64)
+    for b in range(Bsz):
+        for t in range(L):
+            keys = [s for s in range(L) if (not causal or s <= t)
+                    and (seq_idx is None or int(seq_idx[b, s]) == int(seq_idx[b, t]))]
+            for h in range(H):
+                kk, vv = k[b, keys, h // group].double(), v[b, keys, h // group].double()
+                w = torch.softmax(kk @ q[b, t, h].double() * scale, dim=0)
+                out[b, t, h] = w @ vv
+    return out.to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------- recurrent step
