@@ -143,12 +143,14 @@ def _seed_everything(seed: int) -> None:
 
 
 # ============================================================================================ parallel hooks
-def parallelize_model(model: torch.nn.Module, dims, cfg: Config, device: torch.device) -> torch.nn.Module:
+def parallelize_model(model: torch.nn.Module, dims, cfg: Config, device: torch.device,
+                      ddp: Optional[bool] = None) -> torch.nn.Module:
     """Tensor/sequence parallelism, activation recomputation and the DDP wrapper (mamba_dist.parallel's
-    `parallelize`). Returns the module to call in the loop."""
+    `parallelize`; ddp=False leaves it off: the path then averages the gradients itself). Returns the module to
+    call in the loop."""
     from mamba_dist.parallel import parallelize
 
-    return parallelize(model.to(device), dims, cfg)
+    return parallelize(model.to(device), dims, cfg, ddp=ddp)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -237,6 +239,8 @@ class TorchPath:
     autocast_cache = True  # autocast keeps bf16 weight copies within a forward (not allowed in a CUDA graph)
     grads_to_none = True  # after the update; a CUDA graph needs its gradient buffers to stay
     nan_loss = False
+    # data parallel without a DDP wrapper (CUDA graphs): step() averages the gradients over the DP group first
+    reduce_in_step = False
 
     def no_sync(self, last: bool):
         """DDP skips the gradient all-reduce on the non-final micro-batches of an accumulation."""
@@ -255,7 +259,12 @@ class TorchPath:
         weights. Both are the same on every rank."""
         from mamba_dist.parallel.loss import clip_grad_norm_
 
-        norm = clip_grad_norm_(list(unwrap(self.model).parameters()), self.cfg.optim.grad_clip, self.dims)
+        params = list(unwrap(self.model).parameters())
+        if self.reduce_in_step:
+            from mamba_dist.parallel.grads import all_reduce_grads_
+
+            all_reduce_grads_(params, self.dims.dp_group, self.dims.dp)
+        norm = clip_grad_norm_(params, self.cfg.optim.grad_clip, self.dims)
         finite = torch.isfinite(norm)
         if loss is not None:  # an inf loss can have finite gradients; train_step's is the DP mean: ranks agree
             finite = finite & torch.isfinite(loss.detach()).all()
@@ -344,8 +353,9 @@ class CudaGraphPath(TorchPath):
     The optimizer step, clipping and validation stay eager. Needs fixed shapes (the loader's are), no host sync
     in the forward (Mamba-2: none; fused Mamba-1: its packing (document starts, conv fix-up columns) lives in
     fixed-capacity device buffers, a StaticPacking, filled on the host before each replay and captured again,
-    bigger, when a batch has more documents than it holds), one process or no DDP wrapper, and tp == 1 (see
-    use_cuda_graphs)."""
+    bigger, when a batch has more documents than it holds) and tp == 1 (see use_cuda_graphs). Several
+    data-parallel replicas run without the DDP wrapper (its reducer hooks cannot be captured): step() averages the
+    gradients over the DP group once per step (reduce_in_step)."""
 
     autocast_cache = False
     grads_to_none = False
@@ -397,17 +407,19 @@ def use_cuda_graphs(cfg: Config, dims, device: torch.device, backend: str) -> bo
     (the launch-bound case; Mamba-1 captures too, through its StaticPacking, but auto waits for it to be measured
     on a GPU); true forces it where it can run, false is eager."""
     possible = (device.type == "cuda" and cfg.parallel.zero_stage == 0 and not dims.tp_enabled
-                and not (dims.distributed and dims.dp > 1)
                 # Mamba-1's op-by-op path looks its document starts up on the host: only mamba1_inner captures
                 and (cfg.model.mixer == "Mamba2" or cfg.model.ssm_cfg.get("use_fast_path", True)))
     if cfg.train.cuda_graphs == "auto":
+        # several replicas: true captures too (gradients averaged once per step, no overlap with the backward);
+        # auto waits for that to be measured on a multi-GPU machine
+        possible = possible and not (dims.distributed and dims.dp > 1)
         # (recomputation inside a captured graph is not yet checked on a GPU: auto leaves that case eager)
         # hybrids stay eager too: flex_attention builds its block mask from each batch's seq_idx
         return (possible and cfg.model.mixer == "Mamba2" and backend == "fused" and cfg.train.ac_fraction == 0
                 and not cfg.model.attn_layer_idx)
     if cfg.train.cuda_graphs and not possible:
-        log.warning("train.cuda_graphs=true needs CUDA, zero_stage 0, tp 1, one data-parallel rank and (Mamba-1) "
-                    "ssm_cfg.use_fast_path; eager step")
+        log.warning("train.cuda_graphs=true needs CUDA, zero_stage 0, tp 1 and (Mamba-1) ssm_cfg.use_fast_path; "
+                    "eager step")
     return bool(cfg.train.cuda_graphs) and possible
 
 
@@ -416,7 +428,10 @@ def build_training(model: torch.nn.Module, cfg: Config, derived: Derived, dims, 
     """parallelize (-> the weights of a weights-only checkpoint `init_weights`) -> AdamW -> LR schedule
     (-> DeepSpeed engine): the path object the step runs on."""
     backend = getattr(model, "backend", None)
-    model = parallelize_model(model, dims, cfg, device)
+    graphs = cfg.parallel.zero_stage == 0 and use_cuda_graphs(cfg, dims, device, backend)
+    replicas = dims.distributed and dims.dp > 1
+    # a captured backward cannot run DDP's hooks: graphs over several replicas average the gradients in step()
+    model = parallelize_model(model, dims, cfg, device, ddp=False if graphs and replicas else None)
     if init_weights is not None:
         load_weights(init_weights, model, dims)
     optimizer = build_optimizer(model, cfg)
@@ -424,8 +439,9 @@ def build_training(model: torch.nn.Module, cfg: Config, derived: Derived, dims, 
     if cfg.parallel.zero_stage > 0:
         engine = build_deepspeed(model, optimizer, scheduler, cfg, derived, dims)
         return DeepSpeedPath(engine, optimizer, scheduler, cfg, dims)
-    path_cls = CudaGraphPath if use_cuda_graphs(cfg, dims, device, backend) else TorchPath
-    return path_cls(model, optimizer, scheduler, cfg, dims)
+    path = (CudaGraphPath if graphs else TorchPath)(model, optimizer, scheduler, cfg, dims)
+    path.reduce_in_step = graphs and replicas
+    return path
 
 
 # ============================================================================================ the step
