@@ -114,6 +114,8 @@ def fault_point(name: str) -> None:
     elif f"sigterm:{name}" in faults:
         os.kill(os.getpid(), signal.SIGTERM)
     elif f"sigstop:{name}" in faults:
+        print(f"MAMBA_DIST_FAULT: rank {os.environ.get('RANK', '0')} (pid {os.getpid()}) stops itself (SIGSTOP) at "
+              f"{name}", file=sys.stderr, flush=True)  # tests time the hang from this line
         os.kill(os.getpid(), signal.SIGSTOP)
     elif f"enospc:{name}" in faults:
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
