@@ -78,9 +78,9 @@ class CheckpointWriteError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------- test hooks
 def restart_count() -> int:
-    """Which attempt of an elastic job this process belongs to (torchrun sets TORCHELASTIC_RESTART_COUNT; 0 without
-    a restarting launcher)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    """Which attempt of a restarted job this process belongs to: torchrun sets TORCHELASTIC_RESTART_COUNT,
+    launch/deepspeed.sh MAMBA_DIST_RESTART_COUNT; 0 without a restarting launcher."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ.get("MAMBA_DIST_RESTART_COUNT") or 0)
 
 
 def _faults() -> list[str]:

@@ -40,6 +40,8 @@ import time
 import uuid
 from typing import Optional
 
+from mamba_dist.checkpoint import restart_count
+
 log = logging.getLogger("mamba_dist.watchdog")
 
 PEER_EXIT_CODE = 4  # "a peer rank stopped answering / a collective failed": restartable, unlike 2 (bad input)
@@ -142,7 +144,7 @@ class Heartbeat:
     def _write(self, done: bool = False) -> None:
         self.beats += 1
         beat = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self._step, "beat": self.beats,
-                "token": self.token, "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0),
+                "token": self.token, "attempt": restart_count(),
                 "time": time.time(), "done": done}
         tmp = f"{self.path}.tmp-{self.pid}"
         try:
@@ -229,8 +231,9 @@ class Heartbeat:
             beat = read_beat(os.path.join(self.dir, f"rank_{r}"))
             if beat is not None and beat.get("token") == self.token and beat.get("done"):
                 parts.append(f"rank {r} has exited")
-            elif seen is None:
-                parts.append(f"rank {r}: no heartbeat seen")
+            elif seen is None:  # not checked yet (the watchdog looks once an interval)
+                parts.append(f"rank {r}: last heartbeat at step {beat['step']}" if beat is not None and
+                             beat.get("token") == self.token else f"rank {r}: no heartbeat seen")
             else:
                 age = now - seen[1]
                 silent = age > 2 * self.interval + 0.5

@@ -7,6 +7,7 @@
   what a killed attempt logged after the checkpoint it was resumed from, so each step shows once.
 - A rank stopped with SIGSTOP: the other rank fails within parallel.timeout_s, naming it; the stopped process is
   killed (nothing leaks), torchrun restarts the job and it finishes with the same final weights.
+- launch/deepspeed.sh MAX_RESTARTS=1 re-runs the deepspeed launcher (which has no restarts) after a killed rank.
 - The heartbeat watchdog on its own (one process, a fake silent neighbour): it names the rank, kills a stopped
   neighbour and exits with code 4 within the timeout.
 - scripts/fault_inject.py (random ranks killed at random steps) reports PASS.
@@ -83,6 +84,23 @@ def test_rank_killed_twice_restarts_and_ends_bit_identical(tmp_path):
     # TensorBoard: every step once, with the values of the uninterrupted run (stored as float32)
     tb = _tensorboard_scalars(run / "tensorboard", "train/loss")
     assert tb == {s: float(np.float32(v)) for s, v in losses(ref).items()}
+
+
+def test_deepspeed_script_max_restarts_reruns_the_launcher(tmp_path):
+    """launch/deepspeed.sh MAX_RESTARTS=1: the deepspeed launcher (no restarts of its own) stops both ranks when
+    rank 1 is killed after step 3; the script runs it again, which resumes from step 2 and ends like the
+    uninterrupted (torchrun) job."""
+    from _launch_utils import run_nodes, train_env
+
+    run = tmp_path / "run"
+    env = train_env(NUM_GPUS="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1",
+                    MAMBA_DIST_FAULT="after_step_3@0", MAMBA_DIST_FAULT_RANK="1")
+    (proc,) = run_nodes([["bash", str(REPO / "launch" / "deepspeed.sh"), *zero_args(run)]], [env])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "launch/deepspeed.sh: the launcher exited with code 247; restart 1 of 1" in out  # 247: -9 (SIGKILL)
+    assert "resumed from " + str(run / "checkpoints" / "step_00000002") in out and "done: 6 steps" in out
+    _final_files_equal(run, uninterrupted(0, 1, 2))
 
 
 def _stream(cmd, env, timeout):
