@@ -59,9 +59,9 @@ def is_collective_failure(err: BaseException) -> bool:
 
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
-    msg = str(err)
-    return isinstance(err, RuntimeError) and any(s in msg for s in (
-        "gloo", "NCCL", "ProcessGroup", "Connection reset by peer", "Timed out waiting"))
+    msg = str(err)  # gloo's errors are plain RuntimeErrors (ours, CheckpointError, RunHalted, are subclasses)
+    return type(err) is RuntimeError and any(s in msg for s in (
+        "gloo", "NCCL", "ProcessGroup", "Connection reset by peer", "Connection closed by peer", "Timed out waiting"))
 
 
 def collective_failure(err: BaseException, heartbeat, timeout_s: float) -> PeerFailure:
@@ -128,6 +128,7 @@ class Heartbeat:
         self._warned = set()
         self._stop = threading.Event()
         self._stepped = threading.Event()
+        self._lock = threading.Lock()
         self._thread = None
 
     @property
@@ -142,6 +143,10 @@ class Heartbeat:
 
     # -------------------------------------------------------------------------------- own beats
     def _write(self, done: bool = False) -> None:
+        with self._lock:  # the thread beats; arm() and stop() on the main thread too
+            self._write_locked(done)
+
+    def _write_locked(self, done: bool) -> None:
         self.beats += 1
         beat = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self._step, "beat": self.beats,
                 "token": self.token, "attempt": restart_count(),

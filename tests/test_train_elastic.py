@@ -199,6 +199,18 @@ print("not detected")
             sleeper.wait()
 
 
+def test_only_failed_collectives_become_peer_failures():
+    from mamba_dist import faults, watchdog
+
+    assert watchdog.is_collective_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error: Connection "
+                                                       "reset by peer"))
+    assert watchdog.is_collective_failure(RuntimeError("[../gloo/unbound_buffer.cc:78] Timed out waiting 10000ms "
+                                                       "for recv operation to complete"))
+    assert not watchdog.is_collective_failure(ckpt.CheckpointError("checkpoint /data/gloo/step_2 is corrupt"))
+    assert not watchdog.is_collective_failure(faults.RunHalted("step 3: halted (gloo)"))
+    assert not watchdog.is_collective_failure(ValueError("NCCL"))
+
+
 def test_fault_inject_runner_reports_pass(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/fault_inject.py", "--kills", "2", "--seed", "3", "--steps", "8",
                            "--out", str(tmp_path / "fi")], cwd=REPO, capture_output=True, text=True, timeout=400,
