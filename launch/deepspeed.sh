@@ -58,14 +58,13 @@ fi
 # Restarts: the deepspeed launcher has none (it stops every rank when one fails), so MAX_RESTARTS=N re-runs it up to
 # N times after a failure; each attempt resumes from the latest complete checkpoint (checkpoint.resume=auto). Not
 # after exit code 2 (bad input) or 3 (halted), which would fail again, nor after SIGTERM/SIGINT/SIGUSR1 reached this
-# script (preemption: the trainer saved and stopped). MAMBA_DIST_RESTART_COUNT tells the ranks their attempt.
-MAX_RESTARTS=${MAX_RESTARTS:-0}
-if (( MAX_RESTARTS == 0 )); then
-  # shellcheck disable=SC2206
-  exec deepspeed "${args[@]}" ${DS_ARGS:-} --module mamba_dist.train "$@"
-fi
+# script (preemption: the trainer saves and stops). MAMBA_DIST_RESTART_COUNT tells the ranks their attempt.
+# Signals: the launcher runs in its own process group, and a signal this script receives goes to the whole group
+# (on one node the deepspeed runner itself passes none on: its ranks would train on, orphaned); the script returns
+# once every process of the group has exited.
+set -m
 stopping=0 child=0
-forward() { stopping=1; (( child )) && kill -s "$1" "$child" 2>/dev/null || true; }
+forward() { stopping=1; (( child )) && kill -s "$1" -- "-$child" 2>/dev/null || true; }
 for sig in TERM INT USR1; do trap "forward $sig" "$sig"; done
 attempt=0
 while true; do
@@ -74,7 +73,8 @@ while true; do
   child=$!
   rc=0; wait "$child" || rc=$?
   while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # wait returns early on a trap
-  if (( rc == 0 || rc == 2 || rc == 3 || stopping || attempt >= MAX_RESTARTS )); then exit "$rc"; fi
+  while kill -0 -- "-$child" 2>/dev/null; do sleep 1; done  # ranks still saving after a signal
+  if (( rc == 0 || rc == 2 || rc == 3 || stopping || attempt >= ${MAX_RESTARTS:-0} )); then exit "$rc"; fi
   attempt=$((attempt + 1))
   echo "launch/deepspeed.sh: the launcher exited with code $rc; restart $attempt of $MAX_RESTARTS" >&2
 done

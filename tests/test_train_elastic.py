@@ -7,7 +7,8 @@
   what a killed attempt logged after the checkpoint it was resumed from, so each step shows once.
 - A rank stopped with SIGSTOP: the other rank fails within parallel.timeout_s, naming it; the stopped process is
   killed (nothing leaks), torchrun restarts the job and it finishes with the same final weights.
-- launch/deepspeed.sh MAX_RESTARTS=1 re-runs the deepspeed launcher (which has no restarts) after a killed rank.
+- launch/deepspeed.sh MAX_RESTARTS re-runs the deepspeed launcher (which has no restarts) after a killed rank, and
+  passes a SIGTERM on to the ranks (which save and stop) without restarting them.
 - The heartbeat watchdog on its own (one process, a fake silent neighbour): it names the rank, kills a stopped
   neighbour and exits with code 4 within the timeout.
 - scripts/fault_inject.py (random ranks killed at random steps) reports PASS.
@@ -86,21 +87,42 @@ def test_rank_killed_twice_restarts_and_ends_bit_identical(tmp_path):
     assert tb == {s: float(np.float32(v)) for s, v in losses(ref).items()}
 
 
-def test_deepspeed_script_max_restarts_reruns_the_launcher(tmp_path):
-    """launch/deepspeed.sh MAX_RESTARTS=1: the deepspeed launcher (no restarts of its own) stops both ranks when
-    rank 1 is killed after step 3; the script runs it again, which resumes from step 2 and ends like the
-    uninterrupted (torchrun) job."""
-    from _launch_utils import run_nodes, train_env
+def test_deepspeed_script_max_restarts_reruns_the_launcher_and_passes_signals_on(tmp_path):
+    """launch/deepspeed.sh MAX_RESTARTS=2: the deepspeed launcher (no restarts of its own) stops both ranks when
+    rank 1 is killed after step 3; the script runs it again, which resumes from step 2. A SIGTERM to the script
+    (preemption) then reaches the ranks (the deepspeed runner alone would not pass it on): they save and stop, and
+    the script does not restart them. Losses and checkpoints equal the uninterrupted (torchrun) job's."""
+    from _launch_utils import train_env
 
+    ref = uninterrupted(0, 1, 2)
     run = tmp_path / "run"
-    env = train_env(NUM_GPUS="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="1",
+    env = train_env(NUM_GPUS="2", MASTER_PORT=str(free_port()), MAX_RESTARTS="2",
                     MAMBA_DIST_FAULT="after_step_3@0", MAMBA_DIST_FAULT_RANK="1")
-    (proc,) = run_nodes([["bash", str(REPO / "launch" / "deepspeed.sh"), *zero_args(run)]], [env])
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "launch/deepspeed.sh: the launcher exited with code 247; restart 1 of 1" in out  # 247: -9 (SIGKILL)
-    assert "resumed from " + str(run / "checkpoints" / "step_00000002") in out and "done: 6 steps" in out
-    _final_files_equal(run, uninterrupted(0, 1, 2))
+    p = subprocess.Popen(["bash", str(REPO / "launch" / "deepspeed.sh"), *zero_args(run)], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = ""
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and p.poll() is None:  # attempt 1 has resumed and trained a step
+            recs = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+            kinds = [r["kind"] for r in recs]
+            if "resume" in kinds and "train" in kinds[kinds.index("resume"):]:
+                break
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGTERM)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert "launch/deepspeed.sh: the launcher exited with code 247; restart 1 of 2" in out, out[-4000:]  # -9
+    assert "resumed from " + str(run / "checkpoints" / "step_00000002") in out
+    assert "on a termination signal; checkpoint saved" in out and "restart 2 of 2" not in out, out[-4000:]
+    assert p.returncode != 0
+    stopped = ckpt.verify(ckpt.latest_checkpoint(run / "checkpoints"))["step"]
+    assert 3 <= stopped < STEPS, stopped
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == list(range(1, stopped + 1)) and all(got[s] == want[s] for s in got), (got, want)
 
 
 def _stream(cmd, env, timeout):
