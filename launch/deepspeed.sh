@@ -11,7 +11,8 @@
 #
 # Environment: HOSTFILE (none: this node only), NUM_GPUS (processes per node; default: every GPU, or 1 on CPU),
 # NNODES / NODE_RANK / MASTER_ADDR (the no-ssh mode), MASTER_PORT (29500), DS_LAUNCHER (pdsh | openmpi | slurm | ...,
-# for HOSTFILE runs), DS_ARGS (more launcher arguments). Every argument is passed to the trainer; the launcher adds
+# for HOSTFILE runs), DS_ARGS (more launcher arguments), MAX_RESTARTS (0; see the end). Every argument is passed to
+# the trainer; the launcher adds
 # --local_rank, which the trainer accepts.
 # Remote nodes get only the environment variables named in ./.deepspeed_env (KEY=VALUE lines) and those starting
 # with NCCL_ / PYTHON / UCX_: put e.g. NCCL_SOCKET_IFNAME there. The checkpoint directory must be on storage every
@@ -54,5 +55,26 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
 fi
 
 # DS_ARGS: more launcher arguments, e.g. DS_ARGS="--include node0:0,1@node1 --bind_cores_to_rank"
-# shellcheck disable=SC2206
-exec deepspeed "${args[@]}" ${DS_ARGS:-} --module mamba_dist.train "$@"
+# Restarts: the deepspeed launcher has none (it stops every rank when one fails), so MAX_RESTARTS=N re-runs it up to
+# N times after a failure; each attempt resumes from the latest complete checkpoint (checkpoint.resume=auto). Not
+# after exit code 2 (bad input) or 3 (halted), which would fail again, nor after SIGTERM/SIGINT/SIGUSR1 reached this
+# script (preemption: the trainer saves and stops). MAMBA_DIST_RESTART_COUNT tells the ranks their attempt.
+# Signals: the launcher runs in its own process group, and a signal this script receives goes to the whole group
+# (on one node the deepspeed runner itself passes none on: its ranks would train on, orphaned); the script returns
+# once every process of the group has exited.
+set -m
+stopping=0 child=0
+forward() { stopping=1; (( child )) && kill -s "$1" -- "-$child" 2>/dev/null || true; }
+for sig in TERM INT USR1; do trap "forward $sig" "$sig"; done
+attempt=0
+while true; do
+  # shellcheck disable=SC2206
+  MAMBA_DIST_RESTART_COUNT=$attempt deepspeed "${args[@]}" ${DS_ARGS:-} --module mamba_dist.train "$@" &
+  child=$!
+  rc=0; wait "$child" || rc=$?
+  while kill -0 "$child" 2>/dev/null; do rc=0; wait "$child" || rc=$?; done  # wait returns early on a trap
+  while kill -0 -- "-$child" 2>/dev/null; do sleep 1; done  # ranks still saving after a signal
+  if (( rc == 0 || rc == 2 || rc == 3 || stopping || attempt >= ${MAX_RESTARTS:-0} )); then exit "$rc"; fi
+  attempt=$((attempt + 1))
+  echo "launch/deepspeed.sh: the launcher exited with code $rc; restart $attempt of $MAX_RESTARTS" >&2
+done

@@ -77,12 +77,25 @@ class CheckpointWriteError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------- test hooks
+def restart_count() -> int:
+    """Which attempt of a restarted job this process belongs to: torchrun sets TORCHELASTIC_RESTART_COUNT,
+    launch/deepspeed.sh MAMBA_DIST_RESTART_COUNT; 0 without a restarting launcher."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ.get("MAMBA_DIST_RESTART_COUNT") or 0)
+
+
 def _faults() -> list[str]:
-    """MAMBA_DIST_FAULT (comma-separated points) when MAMBA_DIST_FAULT_RANK is unset or equals this RANK."""
+    """MAMBA_DIST_FAULT (comma-separated points) when MAMBA_DIST_FAULT_RANK is unset or equals this RANK. A point
+    `<point>@N` is active only in restart attempt N (restart_count()), so that a restarted job, which has the same
+    environment, does not meet the same fault again."""
     want = os.environ.get("MAMBA_DIST_FAULT_RANK")
     if want is not None and want != os.environ.get("RANK", "0"):
         return []
-    return [f.strip() for f in os.environ.get("MAMBA_DIST_FAULT", "").split(",") if f.strip()]
+    out = []
+    for f in os.environ.get("MAMBA_DIST_FAULT", "").split(","):
+        point, _, attempt = f.strip().partition("@")
+        if point and (not attempt or int(attempt) == restart_count()):
+            out.append(point)
+    return out
 
 
 def fault_active(name: str) -> bool:
@@ -93,13 +106,17 @@ def fault_active(name: str) -> bool:
 def fault_point(name: str) -> None:
     """Test hook for crash tests: if MAMBA_DIST_FAULT names `name` (and MAMBA_DIST_FAULT_RANK, if set, equals this
     process's RANK), the process SIGKILLs itself here, as a power cut or OOM killer would; `sigterm:<name>` sends
-    itself SIGTERM (a scheduler's preemption notice); `enospc:<name>` raises OSError(ENOSPC), as a full disk
-    would. A no-op otherwise."""
+    itself SIGTERM (a scheduler's preemption notice); `sigstop:<name>` stops itself (SIGSTOP: a hung rank that
+    answers nothing); `enospc:<name>` raises OSError(ENOSPC), as a full disk would. A no-op otherwise."""
     faults = _faults()
     if name in faults:
         os.kill(os.getpid(), signal.SIGKILL)
     elif f"sigterm:{name}" in faults:
         os.kill(os.getpid(), signal.SIGTERM)
+    elif f"sigstop:{name}" in faults:
+        print(f"MAMBA_DIST_FAULT: rank {os.environ.get('RANK', '0')} (pid {os.getpid()}) stops itself (SIGSTOP) at "
+              f"{name}", file=sys.stderr, flush=True)  # tests time the hang from this line
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif f"enospc:{name}" in faults:
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {name})")
 
@@ -279,6 +296,17 @@ def _abort(ckpt_dir: str, tmp: str, step: int, rank: int, err: Optional[BaseExce
                                + (f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint"))
 
 
+def remove_leftovers(ckpt_dir: str) -> list[str]:
+    """Delete what a crashed save or delete left behind (`.tmp-*`, `.trash-*`: never a complete checkpoint, ignored by
+    resume); returns their names. Rank 0 only, while no save of this job is in flight (at start-up and in
+    begin_save)."""
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith((".tmp-", ".trash-"))) if os.path.isdir(
+        ckpt_dir) else []
+    for name in names:
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    return names
+
+
 def begin_save(ckpt_dir: str, step: int, rank: int, sync: Sync = local_sync) -> str:
     """Create (on rank 0) a fresh temporary directory for step `step`; returns its path on every rank."""
     tmp = os.path.join(ckpt_dir, ".tmp-" + step_dir_name(step))
@@ -286,9 +314,7 @@ def begin_save(ckpt_dir: str, step: int, rank: int, sync: Sync = local_sync) -> 
     if rank == 0:
         try:
             os.makedirs(ckpt_dir, exist_ok=True)
-            for name in os.listdir(ckpt_dir):  # leftovers of a crashed save or delete
-                if name.startswith((".tmp-", ".trash-")):
-                    shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+            remove_leftovers(ckpt_dir)
             os.makedirs(tmp)
         except OSError as e:
             err = e

@@ -132,6 +132,10 @@ class TrainConfig:
     # the fused kernels, one GPU process per replica at tp 1 (mamba_dist.train.use_cuda_graphs) | true | false
     cuda_graphs: Union[bool, str] = "auto"
     max_skipped_in_row: int = 10  # non-finite steps skipped in a row before the run halts (exit code 3)
+    # loss-spike guard (0: off): skip a step whose loss exceeds spike_factor x the median loss of the last
+    # spike_window applied steps (counted like a non-finite skip); torch path only
+    spike_factor: float = 0.0
+    spike_window: int = 50
 
 
 @dataclass
@@ -170,6 +174,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     zero_stage: int = 0  # 0: plain torch DDP; 1-3: DeepSpeed ZeRO
     dist_backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    # a collective that waits longer fails (init_process_group's timeout, gloo and nccl), and a rank whose heartbeat
+    # falls silent this long is reported by its neighbours, which exit (code 4) so the launcher restarts the job
+    timeout_s: float = 1800.0
+    heartbeat: bool = True  # <run_dir>/heartbeat/rank_K files + the watchdog (multi-process runs; mamba_dist/watchdog)
 
 
 @dataclass
@@ -503,6 +511,12 @@ def validate_config(cfg: Config) -> None:
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
     _check(t.max_skipped_in_row >= 0, "train.max_skipped_in_row", f"must be >= 0, got {t.max_skipped_in_row}")
+    _check(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor",
+           f"must be 0 (off) or > 1, got {t.spike_factor}")
+    _check(t.spike_window >= 1, "train.spike_window", f"must be >= 1, got {t.spike_window}")
+    _check(t.spike_factor == 0 or cfg.parallel.zero_stage == 0, "train.spike_factor",
+           "needs parallel.zero_stage=0 (DeepSpeed applies the update inside its backward, before the step's loss "
+           "is known on every rank)")
 
     _choice(cfg.precision.dtype, "precision.dtype", ("fp32", "bf16"))
 
@@ -522,6 +536,7 @@ def validate_config(cfg: Config) -> None:
     _check(p.dp == -1 or p.dp >= 1, "parallel.dp", f"must be -1 (auto) or >= 1, got {p.dp}")
     _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     _choice(p.dist_backend, "parallel.dist_backend", ("auto", "nccl", "gloo"))
+    _check(p.timeout_s > 0, "parallel.timeout_s", f"must be > 0 seconds, got {p.timeout_s}")
     _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
 
 

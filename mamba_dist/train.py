@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from mamba_dist import checkpoint as ckpt
-from mamba_dist import faults
+from mamba_dist import faults, watchdog
 from mamba_dist.config import Config, ConfigError, Derived, load_config, save_config, validate_runtime
 from mamba_dist.metrics import MetricsLogger, measure_cpu_matmul_flops, memory_gb, read_jsonl
 from mamba_dist.model.flops import flops_per_token, peak_flops_for
@@ -231,14 +231,15 @@ class TorchPath:
         ids, labels, seq_idx = batch
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=self.autocast_cache):
             loss = forward_loss(self.model, ids, labels, seq_idx, self.dims, fused_ce)
-        if self.nan_loss:  # test hook (faults.inject_test_faults)
-            loss = loss * float("nan")
+        if self.loss_fault is not None:  # test hook (faults.inject_test_faults): NaN or a spike
+            loss = loss * self.loss_fault
         self.backward(loss, grad_accum)
         return loss.detach()
 
     autocast_cache = True  # autocast keeps bf16 weight copies within a forward (not allowed in a CUDA graph)
     grads_to_none = True  # after the update; a CUDA graph needs its gradient buffers to stay
-    nan_loss = False
+    loss_fault = None
+    loss_limit = math.inf  # the loss-spike guard's bound for this step (faults.NonFiniteGuard.loss_limit)
     # data parallel without a DDP wrapper (CUDA graphs): step() averages the gradients over the DP group first
     reduce_in_step = False
 
@@ -267,7 +268,7 @@ class TorchPath:
         norm = clip_grad_norm_(params, self.cfg.optim.grad_clip, self.dims)
         finite = torch.isfinite(norm)
         if loss is not None:  # an inf loss can have finite gradients; train_step's is the DP mean: ranks agree
-            finite = finite & torch.isfinite(loss.detach()).all()
+            finite = finite & torch.isfinite(loss.detach()).all() & (loss.detach() <= self.loss_limit).all()
         applied = bool(finite)
         if applied:
             self.optimizer.step()
@@ -615,12 +616,18 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
 
     device = _setup_torch(cfg)
     backend = None if cfg.parallel.dist_backend == "auto" else cfg.parallel.dist_backend
-    dims = ParallelDims.from_env(cfg.parallel).build(backend=backend, single_rank_group=cfg.parallel.zero_stage > 0)
-    rank0 = dims.rank == 0
     run_dir, ckpt_dir = cfg.logging.run_dir, cfg.checkpoint_dir
-    metrics = None
+    # beats before the process group exists; watches the ring neighbours once it does (hangs: a named rank, exit 4)
+    heartbeat = watchdog.start(run_dir, cfg.parallel.timeout_s, cfg.parallel.heartbeat)
+    dims = ParallelDims.from_env(cfg.parallel).build(backend=backend, timeout_minutes=cfg.parallel.timeout_s / 60,
+                                                     single_rank_group=cfg.parallel.zero_stage > 0)
+    rank0 = dims.rank == 0
+    metrics, peers_lost = None, False
     stop_request = StopRequest()
     try:
+        watchdog.arm_collectively(heartbeat)
+        if rank0 and (left := ckpt.remove_leftovers(ckpt_dir)):  # an earlier attempt was killed mid-save
+            log.info("removed %s left in %s by an interrupted save", ", ".join(left), ckpt_dir)
         if rank0:
             save_config(cfg, os.path.join(run_dir, "config.yaml"))
         _seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
@@ -681,7 +688,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
             return v
 
         sync = faults.sync_any(dims, device)
-        guard = faults.NonFiniteGuard(cfg.train.max_skipped_in_row, faults.resumed_in_row(meta))
+        guard = faults.guard_for(cfg.train, meta)  # skipped-step counts (and the loss-spike window) continue
         saver = None
         if cfg.checkpoint.async_ and training.state_files is None:
             log.warning("checkpoint.async=true is not supported under DeepSpeed ZeRO; checkpoints are synchronous")
@@ -697,7 +704,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
 
         def save():
             faults.check_before_save(training.optimizer, sync, prog.step, ckpt_dir)  # never save NaNs
-            meta = {"tokens": prog.tokens, "skipped": prog.skipped, "skipped_in_row": guard.in_row,
+            meta = {"tokens": prog.tokens, "skipped": prog.skipped, **guard.state(),
                     "world_size": derived.world_size, "config": cfg.to_dict()}
             if saver is not None:  # snapshot now, write in the background, commit in a later poll()
                 files = {**training.state_files(), ckpt.rank_file(dims.rank): ckpt.rank_state(
@@ -726,11 +733,13 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
         batches = _forever(train_loader)
         model.train()
         while prog.step < derived.total_steps:
+            heartbeat.step = prog.step  # steps done (its file says where a silent rank stopped)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]  # this step's (DeepSpeed advances it inside the last backward)
             host_batches = [next(batches) for _ in range(derived.grad_accum)]
             micro_batches = [_to_device(b, device) for b in host_batches]
             faults.inject_test_faults(training, prog.step + 1)
+            training.loss_limit = guard.loss_limit()  # inf unless train.spike_factor
             loss, grad_norm, applied = train_step(training, micro_batches, dims, amp, fused_ce)
             prog.step += 1
             prog.tokens += cfg.train.global_batch_tokens
@@ -749,7 +758,8 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                     rec["mfu"] = step_flops.train() * tok_s / (peak * derived.world_size)
                     rec["hfu"] = step_flops.hardware(n_recomputed) * tok_s / (peak * derived.world_size)
                 metrics.log(prog.step, "train", rec)
-            guard.update(prog.step, applied, loss_val, grad_norm.item(), prog.skipped)  # raises RunHalted
+            guard.update(prog.step, applied, loss_val, grad_norm.item(), prog.skipped,
+                         training.loss_limit)  # raises RunHalted
             if saver is not None:
                 finish_save(saver.poll)  # commits the async save in flight once every rank has written it
             ckpt.fault_point(f"after_step_{prog.step}")
@@ -777,11 +787,17 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                 summary.update(first_val=(vals[0]["step"], vals[0]["val_loss"]),
                                last_val=(vals[-1]["step"], vals[-1]["val_loss"]))
         return summary
+    except RuntimeError as e:
+        if watchdog.is_collective_failure(e):  # a peer died, stopped or hangs: one line naming it, exit code 4
+            peers_lost = True
+            raise watchdog.collective_failure(e, heartbeat, cfg.parallel.timeout_s) from None
+        raise
     finally:
         stop_request.restore()
         if metrics is not None:
             metrics.close()
-        dims.destroy()
+        heartbeat.stop()
+        dims.destroy(barrier=not peers_lost)
 
 
 # ============================================================================================ entry point
@@ -826,6 +842,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, derived, resume = prepare_config(args.config, args.overrides, int(os.environ.get("WORLD_SIZE", 1)))
         summary = train(cfg, derived, resume)
+    except watchdog.PeerFailure:  # each surviving rank has said what it saw; the launcher may restart the job
+        return watchdog.PEER_EXIT_CODE
     except faults.RunHalted as e:  # every rank raises it; one line per node
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             print(f"mamba-dist train: error: {e}", file=sys.stderr)

@@ -43,13 +43,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    sys.path[:0] = [REPO, os.path.join(REPO, "scripts")]
-    from bench_train_gpu import _batches
+    sys.path.insert(0, REPO)
     from mamba_dist import checkpoint as ckpt
     from mamba_dist import train as T
     from mamba_dist.async_checkpoint import AsyncCheckpointer
     from mamba_dist.config import load_config, validate_runtime
     from mamba_dist.model import MambaLMHeadModel
+    from mamba_dist.model.packing import random_packed_batches
     from mamba_dist.parallel.dims import ParallelDims
 
     cfg = load_config(os.path.join(REPO, args.config), [
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     model = MambaLMHeadModel(cfg.model.to_mamba_config(), backend=cfg.model.backend)
     training = T.build_training(model, cfg, derived, dims, device)
     amp, fused_ce = cfg.precision.dtype == "bf16", T.use_fused_ce(cfg, dims, device)
-    batches = _batches(4, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size, 4, device)
+    batches = random_packed_batches(4, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.model.vocab_size, 4, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.config}: {n_params / 1e6:.0f}M parameters on {device}, {args.micro_batch}x{args.seqlen} tokens/step")

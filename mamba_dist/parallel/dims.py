@@ -24,6 +24,20 @@ class ParallelLayoutError(ValueError):
     """An impossible parallel layout; the message is one line naming the offending sizes."""
 
 
+def _attempt_store(world_size: int, timeout: datetime.timedelta) -> "dist.Store":
+    """The launcher's TCP store (what init_process_group's env:// would connect to), with keys prefixed by the
+    restart attempt. torchrun's agent keeps one store for the whole job (static rendezvous; c10d too while it shares
+    its store), so after `--max-restarts` a new attempt's ranks could read the gloo/NCCL addresses the killed
+    attempt published under the same keys, and fail to connect (pytorch/pytorch#135712, seen here on one node).
+    The restart count is the same on every rank of a node's attempt (one agent restarts them together)."""
+    addr, port, rank = os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), _env_int("RANK", 0)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # the agent hosts it; every rank is a client
+        store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    else:
+        store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"mamba-dist/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if value in (None, "") else int(value)
@@ -77,7 +91,7 @@ class ParallelDims:
             world = _env_int("WORLD_SIZE", 1)
         return cls(world_size=world, **vals)
 
-    def build(self, backend: Optional[str] = None, timeout_minutes: int = 30,
+    def build(self, backend: Optional[str] = None, timeout_minutes: float = 30,
               single_rank_group: bool = False) -> "ParallelDims":
         """Initialize torch.distributed (if the launcher has not) and the megatron-core TP/DP groups.
 
@@ -100,6 +114,9 @@ class ParallelDims:
             if self.world_size == 1 and "MASTER_ADDR" not in os.environ:
                 dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                         timeout=timeout)
+            elif "TORCHELASTIC_RESTART_COUNT" in os.environ and "MASTER_ADDR" in os.environ:
+                dist.init_process_group(backend=backend, store=_attempt_store(self.world_size, timeout),
+                                        rank=_env_int("RANK", 0), world_size=self.world_size, timeout=timeout)
             else:
                 dist.init_process_group(backend=backend, timeout=timeout)
         if dist.get_world_size() != self.world_size:
@@ -115,19 +132,21 @@ class ParallelDims:
             ps.destroy_model_parallel()
         # gloo duplicates of the groups are only used by megatron's own distributed optimizer, which we don't use.
         ps.initialize_model_parallel(tensor_model_parallel_size=self.tp, create_gloo_process_groups=False,
-                                     distributed_timeout_minutes=timeout_minutes)
+                                     distributed_timeout_minutes=timeout_minutes)  # a timedelta: fractions are fine
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.built = True
         return self
 
-    def destroy(self) -> None:
+    def destroy(self, barrier: bool = True) -> None:
         """Tear down groups and the process group. The barrier first keeps ranks from exiting while a peer is
-        still inside a collective (gloo ranks sometimes abort otherwise)."""
+        still inside a collective (gloo ranks sometimes abort otherwise); barrier=False after a failed collective
+        (a lost peer would make the barrier fail or wait out the timeout)."""
         if dist.is_available() and dist.is_initialized():
             from megatron.core import parallel_state as ps
 
-            dist.barrier()
+            if barrier:
+                dist.barrier()
             if ps.model_parallel_is_initialized():
                 ps.destroy_model_parallel()
             dist.destroy_process_group()
