@@ -204,32 +204,35 @@ def _keep(valid: Optional[Tensor], new: Tensor, old: Tensor) -> Tensor:
     return new if valid is None else torch.where(valid, new, old)
 
 
-def _conv_windows(x_mem: Tensor, pk: _Packing, conv_w: Tensor, conv_bias: Optional[Tensor]):
-    """The fix-up columns' in-document conv windows (D, F, W) in fp32 and pre-activations (D, F)."""
-    D, W = conv_w.shape
+def _conv_windows(x_mem: Tensor, pk: _Packing, w_rev: Tensor, conv_bias: Optional[Tensor]):
+    """The fix-up columns' in-document conv windows (D, F, W) in fp32 and pre-activations (D, F). w_rev: the conv
+    weight in fp32 with its taps reversed (column k multiplies x[p - k])."""
+    D, W = w_rev.shape
     xw = x_mem[:, pk.win_col.flatten()].view(D, -1, W).float() * pk.win_ok
-    pre = (xw * conv_w.float().flip(-1)[:, None, :]).sum(-1)  # weight column W-1-k multiplies x[p - k]
+    pre = (xw * w_rev[:, None, :]).sum(-1)
     if conv_bias is not None:
         pre = pre + conv_bias.float()[:, None]
     return xw, pre
 
 
-def _conv_fix_(conv_mem: Tensor, x_mem: Tensor, pk: _Packing, conv_w: Tensor, conv_bias: Optional[Tensor]):
+def _conv_fix_(conv_mem: Tensor, x_mem: Tensor, pk: _Packing, w_rev: Tensor, conv_bias: Optional[Tensor]):
     """Overwrite the conv output at the fix-up columns with its in-document value; returns (xw, pre)."""
-    xw, pre = _conv_windows(x_mem, pk, conv_w, conv_bias)
+    xw, pre = _conv_windows(x_mem, pk, w_rev, conv_bias)
     fixed = F.silu(pre).to(conv_mem.dtype)
     conv_mem[:, pk.fcol] = _keep(pk.valid_f, fixed, conv_mem[:, pk.fcol]) if pk.valid_f is not None else fixed
     return xw, pre
 
 
 class _Reset:
-    """The scan reset's per-start state, (R, D) tensors (plus dt_new (D,))."""
+    """The scan reset's per-start state, (R, D) tensors (plus dt_new (D,)); u_r / u_new also in fp32 (u32, u_new32),
+    converted once instead of at every use."""
 
-    def __init__(self, b, t, u_r, u_new, pre, dt_new, v):
+    def __init__(self, b, t, u_r, u_new, pre, dt_new, v, u32, u_new32):
         self.b, self.t, self.u_r, self.u_new, self.pre, self.dt_new, self.v = b, t, u_r, u_new, pre, dt_new, v
+        self.u32, self.u_new32 = u32, u_new32
 
     def tensors(self):
-        return self.b, self.t, self.u_r, self.u_new, self.pre, self.dt_new, self.v
+        return self.b, self.t, self.u_r, self.u_new, self.pre, self.dt_new, self.v, self.u32, self.u_new32
 
 
 def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], pk: _Packing) -> _Reset:
@@ -248,18 +251,19 @@ def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], 
         v = dt_new.to(dtype)
         dt_new = v.float()
     u_r = _rows(u, b, t)
+    u32 = u_r.float()
     pre = _rows(delta, b, t).float()
     if bias is not None:
         pre = pre + bias
     dt_old = F.softplus(pre)  # threshold 20, as the kernel's softplus
-    u_new = (u_r.float() * (dt_old / dt_new)).to(dtype)
+    u_new = (u32 * (dt_old / dt_new)).to(dtype)
     v = v.expand_as(u_new)
     if pk.valid_s is not None:
         valid = pk.valid_s[:, None]
         u_new, v = torch.where(valid, u_new, u_r), torch.where(valid, v, _rows(delta, b, t))
     u[b, :, t] = u_new
     delta[b, :, t] = v
-    return _Reset(b, t, u_r, u_new, pre, dt_new, v)
+    return _Reset(b, t, u_r, u_new, pre, dt_new, v, u32, u_new.float())
 
 
 def _linear_t(w: Tensor, x_t: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -295,7 +299,7 @@ class _Mamba1Inner(torch.autograd.Function):
         conv = causal_conv1d_fwd_function(_bcl(x_mem, Bsz), conv_w, conv_bias, None, None, None, True)
         conv_mem = _mem(conv)
         if pk is not None and pk.fcol.numel():
-            _conv_fix_(conv_mem, x_mem, pk, conv_w, conv_bias)
+            _conv_fix_(conv_mem, x_mem, pk, conv_w.float().flip(-1), conv_bias)
         x_dbl = x_proj_w @ conv_mem  # (r + 2N, B*L)
         delta = _bcl(dt_proj_w @ x_dbl[:r], Bsz)  # the bias goes in as delta_bias, as in mamba_inner_fn
         Bm, Cm = _bc(x_dbl, Bsz, r, N)
@@ -307,7 +311,7 @@ class _Mamba1Inner(torch.autograd.Function):
         out, scan_x, out_z = selective_scan_cuda.fwd(u, delta, A, Bm, Cm, D, z, dt_proj_bias, True)[:3]
         if rs is not None and D is not None:  # the skip term D u at the starts (without D nothing to correct)
             b_idx, t_idx = rs.b, rs.t
-            out_r = _rows(out, b_idx, t_idx).float() + D * (rs.u_r.float() - rs.u_new.float())
+            out_r = _rows(out, b_idx, t_idx).float() + D * (rs.u32 - rs.u_new32)
             out[b_idx, :, t_idx] = out_r.to(out.dtype)  # the pre-gate output the backward's dz reads (masked: +0)
             out_z_r = (out_r * F.silu(_rows(z, b_idx, t_idx).float())).to(out_z.dtype)
             if pk.valid_s is not None:
@@ -342,7 +346,8 @@ class _Mamba1Inner(torch.autograd.Function):
         conv_mem = _mem(conv)
         fix = pk is not None and pk.fcol.numel()
         if fix:
-            xw, pre_conv = _conv_fix_(conv_mem, x_mem, pk, conv_w, conv_bias)
+            w_rev = conv_w.float().flip(-1)
+            xw, pre_conv = _conv_fix_(conv_mem, x_mem, pk, w_rev, conv_bias)
         delta = _bcl(dt_proj_w_c @ x_dbl[:r], Bsz)
         Bm, Cm = _bc(x_dbl, Bsz, r, N)
         u, z = conv, _bcl(xz[d:], Bsz)
@@ -360,24 +365,25 @@ class _Mamba1Inner(torch.autograd.Function):
         if rs is not None:
             b_idx, t_idx = rs.b, rs.t
             g = _rows(dout, b_idx, t_idx).float() * F.silu(_rows(z, b_idx, t_idx).float())  # d L / d out (pre-gate)
-            du_new = _rows(du, b_idx, t_idx).float()
-            u_r = rs.u_r.float()
+            du_k = _rows(du, b_idx, t_idx).float()
+            du_new = du_k
+            u_r = rs.u32
             if D is not None:
                 du_new = du_new - D * g
             dt_old = F.softplus(rs.pre)
             du_r = du_new * (dt_old / rs.dt_new)
             if D is not None:
                 du_r = du_r + D * g
-                dD = dD + (g * (u_r - rs.u_new.float())).sum(0)  # masked starts: u_new == u, a zero term
+                dD = dD + (g * (u_r - rs.u_new32)).sum(0)  # masked starts: u_new == u, a zero term
             softplus_grad = torch.where(rs.pre > 20.0, 1.0, torch.sigmoid(rs.pre))
             ddelta_r = du_new * u_r / rs.dt_new * softplus_grad
-            ddelta_k = _rows(ddelta, b_idx, t_idx)
+            ddelta_k = _rows(ddelta, b_idx, t_idx).float()
             if pk.valid_s is not None:  # masked starts keep the kernel's gradients (and add nothing below)
                 valid = pk.valid_s[:, None]
-                du_r = torch.where(valid, du_r, _rows(du, b_idx, t_idx).float())
-                ddelta_r = torch.where(valid, ddelta_r, ddelta_k.float())
+                du_r = torch.where(valid, du_r, du_k)
+                ddelta_r = torch.where(valid, ddelta_r, ddelta_k)
             if ddelta_bias is not None:
-                ddelta_bias = ddelta_bias + (ddelta_r - ddelta_k.float()).sum(0)
+                ddelta_bias = ddelta_bias + (ddelta_r - ddelta_k).sum(0)
             du[b_idx, :, t_idx] = du_r.to(du.dtype)
             ddelta[b_idx, :, t_idx] = ddelta_r.to(ddelta.dtype)
             u[b_idx, :, t_idx] = rs.u_r  # undo the rewrite: x_proj's weight gradient reads the true conv output
@@ -407,7 +413,7 @@ class _Mamba1Inner(torch.autograd.Function):
         if fix:
             sig = torch.sigmoid(pre_conv)
             d_pre = g_conv * sig * (1 + pre_conv * (1 - sig))  # (D, F)
-            dwin = (d_pre[:, :, None] * conv_w.float().flip(-1)[:, None, :] * pk.win_ok).flatten(1)  # (D, F*W)
+            dwin = (d_pre[:, :, None] * w_rev[:, None, :] * pk.win_ok).flatten(1)  # (D, F*W)
             acc = torch.zeros(d, pk.ucol.numel(), device=dwin.device, dtype=torch.float32)
             acc.index_add_(1, pk.inv, dwin)
             dx_mem = dxz[:d]
