@@ -30,6 +30,8 @@ fi
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-480}" python3 scripts/bench_vs_mamba_ssm.py --json "$out/bench.json" ${BENCH_ARGS:-} 2>&1 \
   | tee "$out/bench.log" | grep -vE "Warning|warn\(|^\s*$"
+# profiles (bench --profile $OUT/prof): one archive, since a call returns only so many files
+[ -d "$out/prof" ] && tar czf "$out/prof.tgz" -C "$out" prof && rm -rf "$out/prof"
 tgz=$(realpath "$out")/autotune.tgz
 (cd "$TRITON_CACHE_DIR" && find . -name "*.autotune.json" | tar czf "$tgz" -T -) || true
 exit $rc
