@@ -407,9 +407,13 @@ def use_cuda_graphs(cfg: Config, dims, device: torch.device, backend: str) -> bo
     """train.cuda_graphs: auto = on for Mamba-2 with the fused kernels on CUDA, one data-parallel rank and tp == 1
     (the launch-bound case; Mamba-1 captures too, through its StaticPacking, but auto waits for it to be measured
     on a GPU); true forces it where it can run, false is eager."""
+    ssm = cfg.model.ssm_cfg
+    d_inner = int(ssm.get("expand", 2) * cfg.model.d_model)
     possible = (device.type == "cuda" and cfg.parallel.zero_stage == 0 and not dims.tp_enabled
-                # Mamba-1's op-by-op path looks its document starts up on the host: only mamba1_inner captures
-                and (cfg.model.mixer == "Mamba2" or cfg.model.ssm_cfg.get("use_fast_path", True)))
+                # Mamba-1's op-by-op path looks its document starts up on the host: only mamba1_inner captures,
+                # and only within its kernels' limits (Mamba.forward takes the op-by-op path outside them)
+                and (cfg.model.mixer == "Mamba2" or (ssm.get("use_fast_path", True) and d_inner % 8 == 0
+                                                      and 2 <= ssm.get("d_conv", 4) <= 4)))
     if cfg.train.cuda_graphs == "auto":
         # several replicas: true captures too (gradients averaged once per step, no overlap with the backward);
         # auto waits for that to be measured on a multi-GPU machine
@@ -419,8 +423,8 @@ def use_cuda_graphs(cfg: Config, dims, device: torch.device, backend: str) -> bo
         return (possible and cfg.model.mixer == "Mamba2" and backend == "fused" and cfg.train.ac_fraction == 0
                 and not cfg.model.attn_layer_idx)
     if cfg.train.cuda_graphs and not possible:
-        log.warning("train.cuda_graphs=true needs CUDA, zero_stage 0, tp 1 and (Mamba-1) ssm_cfg.use_fast_path; "
-                    "eager step")
+        log.warning("train.cuda_graphs=true needs CUDA, zero_stage 0, tp 1 and (Mamba-1) ssm_cfg.use_fast_path "
+                    "with d_inner % 8 == 0 and d_conv 2..4; eager step")
     return bool(cfg.train.cuda_graphs) and possible
 
 

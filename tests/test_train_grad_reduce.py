@@ -57,3 +57,34 @@ def test_reduce_in_step_equals_ddp():
             assert worst < 1e-6, worst
             assert max(abs(a - b) / a for a, b in zip(n_ddp, n_red)) < 1e-6
         assert res[0][3] == res[1][3]  # the replicas stay identical
+
+
+def test_cuda_graphs_decision():
+    # which runs capture (train.cuda_graphs): decided from the config and the layout only, so it is checked here
+    # without a GPU (a "cuda" device object is enough)
+    from types import SimpleNamespace
+
+    from mamba_dist.config import load_config
+    from mamba_dist.train import use_cuda_graphs
+
+    cuda = torch.device("cuda")
+
+    def decide(over, dp=1, tp=1, device=cuda):
+        cfg = load_config(None, ["model.d_model=32", "model.n_layer=2", "data.path=synthetic",
+                                 "train.max_steps=1", *over])
+        dims = SimpleNamespace(tp_enabled=tp > 1, distributed=dp * tp > 1, dp=dp)
+        return use_cuda_graphs(cfg, dims, device, "fused")
+
+    assert decide(["model.mixer=Mamba2", "model.ssm_cfg={headdim: 16}"])  # auto: Mamba-2, one replica
+    assert not decide(["model.mixer=Mamba2", "model.ssm_cfg={headdim: 16}"], device=torch.device("cpu"))
+    assert not decide(["model.mixer=Mamba1"])  # auto waits for Mamba-1 to be measured
+    assert decide(["model.mixer=Mamba1", "train.cuda_graphs=true"])  # mamba1_inner + StaticPacking capture
+    assert not decide(["model.mixer=Mamba1", "train.cuda_graphs=true", "model.ssm_cfg={use_fast_path: false}"])
+    assert decide(["model.mixer=Mamba1", "train.cuda_graphs=true", "model.d_model=36"])  # d_inner 72: 8 | 72
+    assert not decide(["model.mixer=Mamba1", "train.cuda_graphs=true", "model.d_model=30"])  # d_inner 60
+    assert not decide(["model.mixer=Mamba1", "train.cuda_graphs=true", "model.ssm_cfg={d_conv: 5}"])
+    m2 = ["model.mixer=Mamba2", "model.ssm_cfg={headdim: 16}"]
+    assert not decide(m2, dp=2) and decide([*m2, "train.cuda_graphs=true"], dp=2)  # replicas: only when asked
+    assert not decide([*m2, "train.cuda_graphs=true"], tp=2)
+    assert not decide([*m2, "train.cuda_graphs=true", "parallel.zero_stage=1"])
+    assert not decide([*m2, "train.cuda_graphs=false"])
