@@ -433,7 +433,7 @@ def build_training(model: torch.nn.Module, cfg: Config, derived: Derived, dims, 
     """parallelize (-> the weights of a weights-only checkpoint `init_weights`) -> AdamW -> LR schedule
     (-> DeepSpeed engine): the path object the step runs on."""
     backend = getattr(model, "backend", None)
-    graphs = cfg.parallel.zero_stage == 0 and use_cuda_graphs(cfg, dims, device, backend)
+    graphs = use_cuda_graphs(cfg, dims, device, backend)  # never under ZeRO (its engine owns the step)
     replicas = dims.distributed and dims.dp > 1
     # a captured backward cannot run DDP's hooks: graphs over several replicas average the gradients in step()
     model = parallelize_model(model, dims, cfg, device, ddp=False if graphs and replicas else None)

@@ -12,6 +12,7 @@
 
 import pytest
 import torch
+from _packing_check import check_packed_equals_separate, rel_err
 
 from mamba_dist.model import MambaConfig, MambaLMHeadModel
 from mamba_dist.model.mha import MHA, apply_rotary, positions_in_document
@@ -24,10 +25,6 @@ LAYOUTS = [[1, 7, 8, 8], [13, 1, 10], [SEQ]]  # a 1-token document first and in 
 
 ATTN = {"num_heads": 4, "num_heads_kv": 2, "head_dim": 8, "rotary_emb_dim": 4, "qkv_proj_bias": True,
         "out_proj_bias": True}
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def hybrid_config(mixer: str) -> MambaConfig:
@@ -50,40 +47,13 @@ def build(mixer: str) -> MambaLMHeadModel:
     return MambaLMHeadModel(hybrid_config(mixer), backend="reference")
 
 
-def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("mixer", ["Mamba1", "Mamba2"])
 def test_hybrid_packed_equals_separate(mixer, monkeypatch):
     monkeypatch.setattr(reference, "CHUNK", 8)
     model = build(mixer)
     assert [type(layer.mixer).__name__ for layer in model.backbone.layers][1::2] == ["MHA", "MHA"]
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (len(LAYOUTS), SEQ), generator=g)
-    weights = torch.randn(len(LAYOUTS), SEQ, model.lm_head.weight.shape[0], generator=g)
-    seq_idx = seq_idx_from_lengths(LAYOUTS)
-
-    model.zero_grad()
-    packed = model(ids, seq_idx)
-    (packed * weights).sum().backward()
-    g_packed = grads(model)
-
-    model.zero_grad()
-    for r, row in enumerate(LAYOUTS):
-        start = 0
-        for n in row:
-            doc = model(ids[r:r + 1, start:start + n])
-            err = rel_err(packed[r:r + 1, start:start + n].detach(), doc.detach())
-            assert err <= TOL, f"row {r} doc at {start} (len {n}): logits rel err {err:.3g}"
-            (doc * weights[r:r + 1, start:start + n]).sum().backward()
-            start += n
-    g_sep = grads(model)
-    assert set(g_packed) == set(g_sep) == {n for n, _ in model.named_parameters()}
+    g_sep = check_packed_equals_separate(model, LAYOUTS, SEQ, TOL)
     assert any(".mixer.in_proj." in n for n in g_sep if n.startswith("backbone.layers.1."))
-    for name in g_sep:
-        err = rel_err(g_packed[name], g_sep[name])
-        assert err <= TOL, f"grad {name}: rel err {err:.3g}"
 
 
 @pytest.mark.parametrize("mixer", ["Mamba1", "Mamba2"])

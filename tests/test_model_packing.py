@@ -8,10 +8,10 @@ and the Mamba-1 scan's chunk (ops.reference.CHUNK, patched down from 64)."""
 
 import pytest
 import torch
+from _packing_check import check_packed_equals_separate, rel_err
 
 from mamba_dist.model import MambaConfig, MambaLMHeadModel
 from mamba_dist.model.ops import reference
-from mamba_dist.model.packing import seq_idx_from_lengths
 
 TOL = 1e-5
 SEQ = 32
@@ -25,13 +25,6 @@ LAYOUTS = [
 ]
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-seq_idx_of = seq_idx_from_lengths
-
-
 def build(mixer: str):
     if mixer == "Mamba1":
         ssm = {"layer": "Mamba1", "d_state": 8}
@@ -43,39 +36,11 @@ def build(mixer: str):
     return MambaLMHeadModel(cfg, backend="reference")
 
 
-def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("mixer", ["Mamba1", "Mamba2"])
 def test_packed_equals_separate(mixer, monkeypatch):
     monkeypatch.setattr(reference, "CHUNK", 8)
     model = build(mixer)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 64, (len(LAYOUTS), SEQ), generator=g)
-    weights = torch.randn(len(LAYOUTS), SEQ, model.lm_head.weight.shape[0], generator=g)
-    seq_idx = seq_idx_of(LAYOUTS)
-
-    model.zero_grad()
-    packed = model(ids, seq_idx)
-    (packed * weights).sum().backward()
-    g_packed = grads(model)
-
-    model.zero_grad()
-    for r, row in enumerate(LAYOUTS):
-        start = 0
-        for n in row:
-            doc = model(ids[r:r + 1, start:start + n])  # alone, no seq_idx
-            err = rel_err(packed[r:r + 1, start:start + n].detach(), doc.detach())
-            assert err <= TOL, f"row {r} doc at {start} (len {n}): logits rel err {err:.3g}"
-            (doc * weights[r:r + 1, start:start + n]).sum().backward()  # grads accumulate over documents
-            start += n
-    g_sep = grads(model)
-
-    assert set(g_packed) == set(g_sep) == {n for n, _ in model.named_parameters()}
-    for name in g_sep:
-        err = rel_err(g_packed[name], g_sep[name])
-        assert err <= TOL, f"grad {name}: rel err {err:.3g}"
+    check_packed_equals_separate(model, LAYOUTS, SEQ, TOL)
 
 
 @pytest.mark.parametrize("mixer", ["Mamba1", "Mamba2"])

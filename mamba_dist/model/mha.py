@@ -104,18 +104,23 @@ class MHA(nn.Module):
             self.conv1d = CausalConv1d(qkv_dim, d_conv, bias=True, activation=None, backend=backend, **factory)
         self.out_proj = nn.Linear(out_dim + self.mlp_dim // 2, embed_dim, bias=out_proj_bias, **factory)
 
+    @staticmethod
+    def _qkv_and_mlp(proj: torch.Tensor, qkv_width: int):
+        """in_proj's output -> (q|k|v, the in-attention gated MLP's activation or None); the MLP part is whatever
+        lies past q, k and v (its local width under tensor parallelism)."""
+        mlp = proj.shape[-1] - qkv_width
+        if mlp <= 0:
+            return proj, None
+        qkv, x_mlp = proj.split([qkv_width, mlp], dim=-1)
+        up, gate = x_mlp.chunk(2, dim=-1)
+        return qkv, up * F.silu(gate)
+
     def forward(self, hidden_states: torch.Tensor, seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seqlen, _ = hidden_states.shape
         H, Hkv, Dh = self.num_heads, self.num_heads_kv, self.head_dim
         q_dim, kv_dim = H * Dh, Hkv * Dh
         docs = seq_idx if self.mask_documents else None
-        qkv = self.in_proj(hidden_states)
-        mlp = qkv.shape[-1] - q_dim - 2 * kv_dim  # local width under tensor parallelism
-        x_mlp = None
-        if mlp > 0:
-            qkv, x_mlp = qkv.split([q_dim + 2 * kv_dim, mlp], dim=-1)
-            up, gate = x_mlp.chunk(2, dim=-1)
-            x_mlp = up * F.silu(gate)
+        qkv, x_mlp = self._qkv_and_mlp(self.in_proj(hidden_states), q_dim + 2 * kv_dim)
         if self.d_conv > 0:
             qkv = self.conv1d(qkv.transpose(1, 2), docs).transpose(1, 2)
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -155,13 +160,7 @@ class MHA(nn.Module):
         batch = hidden_states.shape[0]
         H, Hkv, Dh = self.num_heads, self.num_heads_kv, self.head_dim
         q_dim, kv_dim = H * Dh, Hkv * Dh
-        qkv = self.in_proj(hidden_states.squeeze(1))
-        mlp = qkv.shape[-1] - q_dim - 2 * kv_dim
-        x_mlp = None
-        if mlp > 0:
-            qkv, x_mlp = qkv.split([q_dim + 2 * kv_dim, mlp], dim=-1)
-            up, gate = x_mlp.chunk(2, dim=-1)
-            x_mlp = up * F.silu(gate)
+        qkv, x_mlp = self._qkv_and_mlp(self.in_proj(hidden_states.squeeze(1)), q_dim + 2 * kv_dim)
         if self.d_conv > 0:
             qkv = self.conv1d.step(qkv, conv_state)
         q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)

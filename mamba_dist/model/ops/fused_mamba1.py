@@ -199,11 +199,6 @@ def _packing(seq_idx: Tensor, W: int) -> _Packing:
     return pk
 
 
-def _keep(valid: Optional[Tensor], new: Tensor, old: Tensor) -> Tensor:
-    """new where valid (per row of an (n, D) or per column of a (D, n) tensor via broadcasting), else old."""
-    return new if valid is None else torch.where(valid, new, old)
-
-
 def _conv_windows(x_mem: Tensor, pk: _Packing, w_rev: Tensor, conv_bias: Optional[Tensor]):
     """The fix-up columns' in-document conv windows (D, F, W) in fp32 and pre-activations (D, F). w_rev: the conv
     weight in fp32 with its taps reversed (column k multiplies x[p - k])."""
@@ -219,7 +214,9 @@ def _conv_fix_(conv_mem: Tensor, x_mem: Tensor, pk: _Packing, w_rev: Tensor, con
     """Overwrite the conv output at the fix-up columns with its in-document value; returns (xw, pre)."""
     xw, pre = _conv_windows(x_mem, pk, w_rev, conv_bias)
     fixed = F.silu(pre).to(conv_mem.dtype)
-    conv_mem[:, pk.fcol] = _keep(pk.valid_f, fixed, conv_mem[:, pk.fcol]) if pk.valid_f is not None else fixed
+    if pk.valid_f is not None:  # padding (StaticPacking) keeps the value that is there
+        fixed = torch.where(pk.valid_f, fixed, conv_mem[:, pk.fcol])
+    conv_mem[:, pk.fcol] = fixed
     return xw, pre
 
 
