@@ -77,7 +77,9 @@ def test_cuda_graphs_decision():
 
     assert decide(["model.mixer=Mamba2", "model.ssm_cfg={headdim: 16}"])  # auto: Mamba-2, one replica
     assert not decide(["model.mixer=Mamba2", "model.ssm_cfg={headdim: 16}"], device=torch.device("cpu"))
-    assert not decide(["model.mixer=Mamba1"])  # auto waits for Mamba-1 to be measured
+    assert decide(["model.mixer=Mamba1"])  # auto: Mamba-1 through mamba1_inner + StaticPacking
+    assert not decide(["model.mixer=Mamba1", "model.ssm_cfg={d_conv: 5}"])  # outside mamba1_inner: eager
+    assert not decide(["model.mixer=Mamba1", "train.ac_fraction=0.5"])  # recomputation: auto stays eager
     assert decide(["model.mixer=Mamba1", "train.cuda_graphs=true"])  # mamba1_inner + StaticPacking capture
     assert not decide(["model.mixer=Mamba1", "train.cuda_graphs=true", "model.ssm_cfg={use_fast_path: false}"])
     assert decide(["model.mixer=Mamba1", "train.cuda_graphs=true", "model.d_model=36"])  # d_inner 72: 8 | 72
