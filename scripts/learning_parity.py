@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=0.01, help="relative tolerance on the final loss")
     p.add_argument("--no-resets-run", action="store_true", help="skip the reported run with document resets")
     p.add_argument("--out", default=None, help="write parity.json and parity.png here")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value",
+                   help="config overrides for both runs (e.g. train.cuda_graphs=false to compare a lever off)")
     p.add_argument("--cpu-selfcheck", action="store_true",
                    help="CPU, tiny model, reference backend; the anchor loop runs our model (tests the plumbing)")
     return p
@@ -78,7 +80,7 @@ def _config(name: str, args):
             over += ["model.ssm_cfg={d_state: 8}"]
     else:
         over += ["train.device=cuda", "precision.dtype=bf16", "model.backend=fused"]
-    cfg = load_config(os.path.join(REPO, SIZES[name]), over)
+    cfg = load_config(os.path.join(REPO, SIZES[name]), over + list(args.set))
     return cfg, validate_runtime(cfg, 1)
 
 
@@ -158,6 +160,13 @@ def initial_state(cfg) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def no_decay_names(cfg) -> set:
+    """The parameter names our model trains without weight decay (built on the meta device: names only)."""
+    from mamba_dist.model import MambaLMHeadModel
+
+    return MambaLMHeadModel(cfg.model.to_mamba_config(), backend="reference", device="meta").no_weight_decay()
+
+
 def run_ours(cfg, derived, state: dict, data: list, resets: bool) -> list:
     """Losses of the trainer's own step, from `state`."""
     import torch
@@ -203,7 +212,14 @@ def run_anchor(cfg, derived, state: dict, data: list, selfcheck: bool) -> list:
         model = MambaLMHeadModel(MambaConfig(**cfg.model.mamba_config_dict()), device="cuda")
     model.load_state_dict(state)
     model.to(device).train()
-    opt = T.build_optimizer(model, cfg)  # our parameter groups (no decay on norms, biases, A_log, D)
+    # our parameter groups by name (no decay on norms, biases, A_log, D): mamba_ssm's model has no
+    # no_weight_decay(), and the fallback (no decay on 0/1-d tensors) would decay Mamba-1's 2-d A_log
+    names = no_decay_names(cfg)
+    missing = names - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise ValueError(f"the anchor model lacks parameters {sorted(missing)[:3]}: groups would differ")
+    model.no_weight_decay = lambda: names
+    opt = T.build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, T.lr_lambda(cfg, derived.total_steps))
     amp = cfg.precision.dtype == "bf16"
     losses = []

@@ -60,11 +60,11 @@ def seq_idx_of(layouts):
     return seq_idx_from_lengths(layouts, device=DEV)
 
 
-def pair(name, backend):
+def pair(name, backend, config=None):
     from mamba_ssm.models.config_mamba import MambaConfig as SSMConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as SSMLMHeadModel
 
-    cfg = MambaConfig(**CONFIGS[name])
+    cfg = MambaConfig(**(config or CONFIGS[name]))
     torch.manual_seed(0)
     ours = MambaLMHeadModel(cfg, backend=backend, device=DEV)
     with torch.no_grad():  # move dt away from its init so the weights are not a special case
@@ -108,4 +108,33 @@ def test_equals_mamba_ssm(name, backend):
             print(f"ERR | vs mamba_ssm {name} {backend} {label} | {n} | {e:.3e} | {tol:.3e}")
             if not e <= tol:
                 failures.append((label, n, e, tol))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("packing", ["none", "zeros", "static-zeros"])
+def test_mamba1_at_the_130m_shape_equals_mamba_ssm(packing):
+    # the mixer of the 130M config at its training shape (d_inner 1536, dt_rank 48, 8 rows of 2048): the kernels
+    # pick other launch configurations there than at the small shapes above (one full 2048-token scan chunk,
+    # even-length vector loads). seq_idx all zeros (one document per row, as the learning-parity run feeds), plain
+    # and through a CUDA-graph StaticPacking made only of masked padding, must give mamba_ssm's function.
+    from mamba_dist.model.ops.fused_mamba1 import StaticPacking
+
+    rows, seq = 8, 2048
+    ours, theirs = pair("Mamba1", "fused", dict(d_model=768, n_layer=2, vocab_size=512,
+                                                ssm_cfg={"layer": "Mamba1", "d_state": 16}))
+    g = torch.Generator(DEV).manual_seed(2)
+    ids = torch.randint(0, 512, (rows, seq), generator=g, device=DEV)
+    labels = torch.randint(0, 512, (rows, seq), generator=g, device=DEV)
+    seq_idx = None if packing == "none" else torch.zeros(rows, seq, dtype=torch.int32, device=DEV)
+    if packing == "static-zeros":
+        sp = StaticPacking.sized_for(seq_idx, 4, seq_idx.device)
+        assert sp.fill_(seq_idx)
+        sp.bind(seq_idx)
+    lo, go = forward_backward(ours, ids, labels, seq_idx, theirs=False)
+    lt, gt = forward_backward(theirs, ids, labels, None, theirs=True)
+    failures = []
+    for n, (e, tol) in {"logits": (rel(lo, lt), TOL_LOGITS), **{k: (rel(go[k], gt[k]), TOL_GRADS) for k in go}}.items():
+        print(f"ERR | vs mamba_ssm Mamba1 130M shape {packing} | {n} | {e:.3e} | {tol:.3e}")
+        if not e <= tol:
+            failures.append((n, e))
     assert not failures, failures
