@@ -47,6 +47,19 @@ def test_selfcheck_curves_agree(prepared, tmp_path):
     assert (tmp_path / "parity.png").stat().st_size > 0
 
 
+def test_selfcheck_repeats_compare_means(prepared, tmp_path):
+    # --repeats: every loop runs K times, the means are compared and the anchor's own spread is reported (on CPU
+    # the runs are deterministic: a spread of zero)
+    lp = _script()
+    args = ["--data", prepared, "--steps", "3", "--batch", "2", "--seqlen", "64", "--warmup", "1",
+            "--cpu-selfcheck", "--sizes", "m1-130m", "--no-resets-run", "--repeats", "2", "--out", str(tmp_path)]
+    assert lp.main(args) == 0
+    (row,) = json.load(open(tmp_path / "parity.json"))["rows"]
+    assert len(row["finals"]["anchor"]) == len(row["finals"]["ours"]) == 2
+    assert row["anchor_spread"] == 0.0 and row["pass"]
+    assert row["anchor_final"] == row["finals"]["anchor"][0]
+
+
 def test_saved_batches_round_trip(prepared, tmp_path):
     lp = _script()
     f = str(tmp_path / "b.xz")
