@@ -313,8 +313,13 @@ def test_async_snapshot_and_checkpointer(tmp_path):
         assert saver.start(6, {"model.pt": {"w": torch.full((3,), 6.0)}}, {"tokens": 6}) == str(
             tmp_path / "step_00000004")
         assert saver.wait() == str(tmp_path / "step_00000006")
+        # the host buffer of one save is reused by the next (allocating, and on CUDA pinning, it was the stall)
+        assert saver.staging.reused == 1 and len(saver.staging.buffers) == 1
     finally:
         ckpt.save_file = real_save
     assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [2, 4, 6]
+    for s in (2, 4):  # written before their buffer was reused for the next snapshot
+        want = torch.full((3,), float(s)) if s == 4 else torch.ones(3)
+        assert torch.equal(ckpt.load_file(str(tmp_path / f"step_0000000{s}"), "model.pt")["w"], want)
     assert torch.equal(ckpt.load_file(ckpt.verify(str(tmp_path / "step_00000006")) and
                                       str(tmp_path / "step_00000006"), "model.pt")["w"], torch.full((3,), 6.0))
