@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import xent_kernel
+
 IGNORE_INDEX = -100
 # fp32 logits per chunk at most this many elements (2^28 x 4 B = 1 GiB): big enough for full-speed matmuls
 _CHUNK_ELEMENTS = 1 << 28
@@ -49,21 +51,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y, ok = labels[s:s + chunk], valid[s:s + chunk]
             target = torch.where(ok, y, torch.zeros_like(y))
             logits = h @ w.t()  # in the compute dtype, rounded like autocast's logits
-            # three passes over the chunk (the fewest torch's own kernels allow): log_softmax reads the bf16 logits
-            # and writes fp32; exp_ turns that into the softmax in place; one multiply writes the scaled gradient
-            # back over the logits' buffer in the compute dtype
-            logp = torch.log_softmax(logits, dim=-1, dtype=acc_dtype)
-            loss -= (logp.gather(1, target[:, None]).squeeze(1) * ok).sum()
-            if need_dh or need_dw:
-                # d(mean loss)/d logits = (softmax - onehot) / count, zero on ignored rows
-                g = logp.exp_()
-                g.scatter_add_(1, target[:, None], -torch.ones_like(target[:, None], dtype=g.dtype))
-                g = torch.mul(g, (ok.to(g.dtype) / count)[:, None], out=logits)
-                if need_dh:
-                    dh[s:s + chunk] = (g @ w).to(hidden.dtype)
-                if need_dw:
-                    dw += (g.t() @ h).to(acc_dtype)
-            del logits, logp
+            grads = need_dh or need_dw
+            # d(mean loss)/d logits = (softmax - onehot) / count, zero on ignored rows
+            scale = ok.to(acc_dtype) / count
+            if xent_kernel.available(logits):
+                # one Triton kernel: two reads of the chunk and the gradient written over it (xent_kernel.py)
+                loss += (xent_kernel.xent_rows_(logits, target, scale, write_grad=grads) * ok).sum()
+                g = logits
+            else:
+                # its twin in three passes (the fewest torch's own kernels allow): log_softmax reads the logits and
+                # writes fp32; exp_ turns that into the softmax in place; one multiply writes the scaled gradient
+                # back over the logits' buffer in the compute dtype
+                logp = torch.log_softmax(logits, dim=-1, dtype=acc_dtype)
+                loss -= (logp.gather(1, target[:, None]).squeeze(1) * ok).sum()
+                if grads:
+                    g = logp.exp_()
+                    g.scatter_add_(1, target[:, None], -torch.ones_like(target[:, None], dtype=g.dtype))
+                    g = torch.mul(g, scale[:, None], out=logits)
+                del logp
+            if need_dh:
+                dh[s:s + chunk] = (g @ w).to(hidden.dtype)
+            if need_dw:
+                dw += (g.t() @ h).to(acc_dtype)
+            del logits
         ctx.save_for_backward(dh if need_dh else None, dw if need_dw else None)
         ctx.weight_dtype = weight.dtype
         return loss / count
