@@ -237,7 +237,6 @@ class TorchPath:
         return loss.detach()
 
     autocast_cache = True  # autocast keeps bf16 weight copies within a forward (not allowed in a CUDA graph)
-    grads_to_none = True  # after the update; a CUDA graph needs its gradient buffers to stay
     loss_fault = None
     loss_limit = math.inf  # the loss-spike guard's bound for this step (faults.NonFiniteGuard.loss_limit)
     # data parallel without a DDP wrapper (CUDA graphs): step() averages the gradients over the DP group first
@@ -272,9 +271,13 @@ class TorchPath:
         applied = bool(finite)
         if applied:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
+        self.clear_grads()
         self.scheduler.step()
         return norm, applied
+
+    def clear_grads(self) -> None:
+        """After the update: the next backward starts from no gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def state_files(self) -> dict:
         """{file name: state} this rank writes. Every DP replica holds the same state, so DP rank 0 (of each TP
@@ -349,8 +352,11 @@ class CudaGraphPath(TorchPath):
     cost no CPU time: at the 130M size the eager step leaves the GPU idle about half the time.
 
     Captured on the first micro-batch, after a few warm-up passes on a side stream (Triton autotuning, cuBLAS
-    workspaces) whose gradients are discarded. Inputs are copied into static buffers; the gradients are static
-    buffers the graph accumulates into (zeroed, not freed, after each update), so gradient accumulation works.
+    workspaces) whose gradients are discarded. Inputs are copied into static buffers. With one micro-batch per step
+    the gradients are captured as the backward's own outputs, allocated from the graph's memory pool: each replay
+    writes them afresh, with no zeroing and no accumulating pass over every parameter (at 1.4B those two passes
+    move ~22 GB a step). With gradient accumulation they are static buffers the graph accumulates into (zeroed,
+    not freed, after each update).
     The optimizer step, clipping and validation stay eager. Needs fixed shapes (the loader's are), no host sync
     in the forward (Mamba-2: none; fused Mamba-1: its packing (document starts, conv fix-up columns) lives in
     fixed-capacity device buffers, a StaticPacking, filled on the host before each replay and captured again,
@@ -359,13 +365,18 @@ class CudaGraphPath(TorchPath):
     gradients over the DP group once per step (reduce_in_step)."""
 
     autocast_cache = False
-    grads_to_none = False
     WARMUP = 3
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.graph, self.static_batch, self.static_loss, self.key = None, None, None, None
         self.packing = None  # fused Mamba-1 only
+        self.graph_writes_grads = False  # one micro-batch per step: the replay overwrites the gradients
+
+    def clear_grads(self) -> None:
+        # the buffers stay (the graph writes into them); zeroed only where the graph accumulates into them
+        if not self.graph_writes_grads:
+            self.optimizer.zero_grad(set_to_none=False)
 
     def forward_backward(self, batch: tuple, grad_accum: int, amp: bool, fused_ce: bool) -> torch.Tensor:
         key = (tuple(tuple(x.shape) for x in batch), grad_accum, amp, fused_ce)
@@ -380,7 +391,8 @@ class CudaGraphPath(TorchPath):
 
     def _capture(self, batch: tuple, grad_accum: int, amp: bool, fused_ce: bool) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        kept = [p.grad.clone() if p.grad is not None else None for p in params]  # mid-accumulation: restored
+        kept = ([p.grad.clone() if p.grad is not None else None for p in params]  # mid-accumulation: restored
+                if grad_accum > 1 else [None] * len(params))
         self.static_batch = [x.clone() for x in batch]
         from mamba_dist.model.ops.fused_mamba1 import static_packing_for
 
@@ -394,10 +406,18 @@ class CudaGraphPath(TorchPath):
             for _ in range(self.WARMUP):
                 TorchPath.forward_backward(self, self.static_batch, grad_accum, amp, fused_ce)
         torch.cuda.current_stream().wait_stream(side)
-        for p, g in zip(params, kept):  # the graph accumulates into these buffers; start from the kept sums
+        # one micro-batch per step: every capture comes first in its step, so nothing is mid-accumulation (the
+        # buffers may hold the previous replay's gradients: stale, and dropped here)
+        self.graph_writes_grads = grad_accum == 1
+        for p, g in zip(params, kept):
+            if self.graph_writes_grads:  # captured as the backward's outputs (AccumulateGrad takes them as .grad)
+                p.grad = None
+                continue
+            # the graph accumulates into these buffers; start from the kept sums
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(g) if g is not None else p.grad.zero_()
+        self.graph = None  # the previous graph's pool (and gradients) can go before the new capture
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_loss = TorchPath.forward_backward(self, self.static_batch, grad_accum, amp, fused_ce)
