@@ -14,6 +14,7 @@ Errors are norm-wise relative, ||a - b|| / ||b||, over the whole tensor; bounds 
   1536), bf16 autocast, 4 documents per row: the op-by-op fused path (use_inner_fn=False) vs mamba1_inner.
 """
 
+import os
 import time
 
 import pytest
@@ -118,6 +119,8 @@ def test_inner_packed_equals_documents():
             start += n
     errors.update({f"d{k}": rel(g_p[k], g_sum[k]) for k in g_sum})
     check("mamba1_inner packed=docs fp32", errors, dict.fromkeys(errors, TOL_DOCS))
+    # the packing helpers ran through torch.compile on the GPU (a failure falls back to eager, logged)
+    assert _fused().compile_failures() == []
 
 
 def test_inner_bf16_autocast():
@@ -168,9 +171,14 @@ def test_inner_timing_print():
     h = torch.randn(8, 2048, 768, device=DEV, requires_grad=True)
     seq_idx = seq_idx_from_lengths([[512] * 4] * 8, device=DEV)
     res = {}
-    for name, on in (("op-by-op", False), ("mamba1_inner", True)):
+    for name, on, compiled in (("op-by-op", False, "1"), ("mamba1_inner", True, "1"),
+                               ("mamba1_inner, packing helpers eager", True, "0")):
         mixer.use_inner_fn = on
-        res[name] = _time_mixer(mixer, h, seq_idx)
+        os.environ["MAMBA_DIST_COMPILE_FIXUPS"] = compiled
+        try:
+            res[name] = _time_mixer(mixer, h, seq_idx)
+        finally:
+            os.environ.pop("MAMBA_DIST_COMPILE_FIXUPS")
         print(f"TIME | Mamba-1 mixer 8x2048 d_inner 1536 bf16 fwd+bwd | {name} | {res[name][0]:.2f} ms | "
               f"peak +{res[name][1]:.0f} MiB")
     errors = {"out": rel(res["mamba1_inner"][2], res["op-by-op"][2]),

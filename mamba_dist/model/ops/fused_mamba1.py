@@ -51,11 +51,15 @@ runs this module on CPU against emulators of exactly these entry points (their c
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 try:  # torch >= 2.4: device-generic decorators (torch.cuda.amp.custom_fwd is deprecated)
     from torch.amp import custom_bwd, custom_fwd
@@ -199,23 +203,64 @@ def _packing(seq_idx: Tensor, W: int) -> _Packing:
     return pk
 
 
-def _conv_windows(x_mem: Tensor, pk: _Packing, w_rev: Tensor, conv_bias: Optional[Tensor]):
+def _fused_small(fn):
+    """`fn` (pure tensor arithmetic on the packing's few columns and rows) through torch.compile on CUDA tensors:
+    its gathers and fp32 element-wise ops fuse into a few kernels instead of one launch each (before, ~110 small
+    kernels a layer, ~5 ms a step at 130M even inside a CUDA graph). Eager on CPU, where
+    MAMBA_DIST_COMPILE_FIXUPS=0, and from the first failure on (logged once): the same function either way."""
+    state = {"compiled": None, "failed": False}
+
+    def call(*args):
+        if (not state["failed"] and args[0].is_cuda and os.environ.get("MAMBA_DIST_COMPILE_FIXUPS", "1") != "0"):
+            if state["compiled"] is None:
+                state["compiled"] = torch.compile(fn, dynamic=None)
+            try:
+                return state["compiled"](*args)
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training: run it eagerly
+                state["failed"] = True
+                log.warning("mamba1_inner: torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__,
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return fn(*args)
+
+    call.eager = fn
+    _COMPILED_SMALL[fn.__name__] = state
+    return call
+
+
+_COMPILED_SMALL: dict = {}
+
+
+def compile_failures() -> list:
+    """Names of the packing helpers whose torch.compile failed in this process (they run eagerly)."""
+    return sorted(name for name, st in _COMPILED_SMALL.items() if st["failed"])
+
+
+def _conv_windows(x_mem: Tensor, win_col: Tensor, win_ok: Tensor, w_rev: Tensor, conv_bias: Optional[Tensor]):
     """The fix-up columns' in-document conv windows (D, F, W) in fp32 and pre-activations (D, F). w_rev: the conv
     weight in fp32 with its taps reversed (column k multiplies x[p - k])."""
     D, W = w_rev.shape
-    xw = x_mem[:, pk.win_col.flatten()].view(D, -1, W).float() * pk.win_ok
+    xw = x_mem[:, win_col.flatten()].view(D, -1, W).float() * win_ok
     pre = (xw * w_rev[:, None, :]).sum(-1)
     if conv_bias is not None:
         pre = pre + conv_bias.float()[:, None]
     return xw, pre
 
 
+@_fused_small
+def _conv_fix_values(x_mem: Tensor, win_col: Tensor, win_ok: Tensor, w_rev: Tensor, conv_bias: Optional[Tensor],
+                     conv_mem: Tensor, fcol: Tensor, valid_f: Optional[Tensor]):
+    """The conv output's in-document values at the fix-up columns (D, F) in conv_mem's dtype, with xw and pre."""
+    xw, pre = _conv_windows(x_mem, win_col, win_ok, w_rev, conv_bias)
+    fixed = F.silu(pre).to(conv_mem.dtype)
+    if valid_f is not None:  # padding (StaticPacking) keeps the value that is there
+        fixed = torch.where(valid_f, fixed, conv_mem[:, fcol])
+    return fixed, xw, pre
+
+
 def _conv_fix_(conv_mem: Tensor, x_mem: Tensor, pk: _Packing, w_rev: Tensor, conv_bias: Optional[Tensor]):
     """Overwrite the conv output at the fix-up columns with its in-document value; returns (xw, pre)."""
-    xw, pre = _conv_windows(x_mem, pk, w_rev, conv_bias)
-    fixed = F.silu(pre).to(conv_mem.dtype)
-    if pk.valid_f is not None:  # padding (StaticPacking) keeps the value that is there
-        fixed = torch.where(pk.valid_f, fixed, conv_mem[:, pk.fcol])
+    fixed, xw, pre = _conv_fix_values(x_mem, pk.win_col, pk.win_ok, w_rev, conv_bias, conv_mem, pk.fcol,
+                                      pk.valid_f)
     conv_mem[:, pk.fcol] = fixed
     return xw, pre
 
@@ -232,35 +277,98 @@ class _Reset:
         return self.b, self.t, self.u_r, self.u_new, self.pre, self.dt_new, self.v, self.u32, self.u_new32
 
 
-def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], pk: _Packing) -> _Reset:
-    """Rewrite u and delta in place at the starts (module docstring); returns what backward needs. Masked
-    (padding) starts get their own values back: u_new = u, and delta unchanged."""
-    b, t = pk.b, pk.t
+def _reset_dt(A: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> tuple:
+    """The reset's delta input v (D,) in the scan's dtype and the dt_new (D,) fp32 the kernel makes of it.
+    Eager, not compiled: the compiler may keep v unrounded in fp32 (its casts are not rounding points), and dt_new
+    must be what the kernel computes from the rounded v, or u_new would not keep dt * u."""
     fused = _fused()
-    dtype = u.dtype
     # per-channel reset dt: 200 / min_n |A[d, n]|, at least 64 (> the kernel's softplus threshold 20), finite
     A_min = A.abs().amin(-1).clamp_min(1e-30)
     dt_new = (fused._RESET_DT_A / A_min).clamp(min=fused._RESET_DT_MIN, max=1e30)
     if bias is not None:
         v = (dt_new - bias).to(dtype)
-        dt_new = v.float() + bias  # the kernel's own fp32 arithmetic (softplus passes values > 20 through)
-    else:
-        v = dt_new.to(dtype)
-        dt_new = v.float()
+        return v, v.float() + bias  # the kernel's own fp32 arithmetic (softplus passes values > 20 through)
+    v = dt_new.to(dtype)
+    return v, v.float()
+
+
+@_fused_small
+def _reset_values(u: Tensor, delta: Tensor, bias: Optional[Tensor], b: Tensor, t: Tensor,
+                  valid_s: Optional[Tensor], v: Tensor, dt_new: Tensor):
+    """The scan reset's rewritten u and delta at the starts, and what backward needs (see _reset_inputs_)."""
     u_r = _rows(u, b, t)
     u32 = u_r.float()
     pre = _rows(delta, b, t).float()
     if bias is not None:
         pre = pre + bias
     dt_old = F.softplus(pre)  # threshold 20, as the kernel's softplus
-    u_new = (u32 * (dt_old / dt_new)).to(dtype)
+    u_new = (u32 * (dt_old / dt_new)).to(u.dtype)
     v = v.expand_as(u_new)
-    if pk.valid_s is not None:
-        valid = pk.valid_s[:, None]
+    if valid_s is not None:
+        valid = valid_s[:, None]
         u_new, v = torch.where(valid, u_new, u_r), torch.where(valid, v, _rows(delta, b, t))
-    u[b, :, t] = u_new
-    delta[b, :, t] = v
-    return _Reset(b, t, u_r, u_new, pre, dt_new, v, u32, u_new.float())
+    return u_r, u_new, pre, v, u32
+
+
+def _reset_inputs_(u: Tensor, delta: Tensor, A: Tensor, bias: Optional[Tensor], pk: _Packing) -> _Reset:
+    """Rewrite u and delta in place at the starts (module docstring); returns what backward needs. Masked
+    (padding) starts get their own values back: u_new = u, and delta unchanged."""
+    v, dt_new = _reset_dt(A, bias, u.dtype)
+    u_r, u_new, pre, v, u32 = _reset_values(u, delta, bias, pk.b, pk.t, pk.valid_s, v, dt_new)
+    u[pk.b, :, pk.t] = u_new
+    delta[pk.b, :, pk.t] = v
+    # u_new as stored (rounded), converted here: inside the compiled function the round trip could be elided
+    return _Reset(pk.b, pk.t, u_r, u_new, pre, dt_new, v, u32, u_new.float())
+
+
+@_fused_small
+def _skip_values(out: Tensor, out_z: Tensor, z: Tensor, b: Tensor, t: Tensor, D: Tensor, u32: Tensor,
+                 u_new32: Tensor, valid_s: Optional[Tensor]):
+    """The pre-gate output with the skip term D u of the true u at the starts, and its gated value."""
+    out_r = _rows(out, b, t).float() + D * (u32 - u_new32)
+    out_z_r = (out_r * F.silu(_rows(z, b, t).float())).to(out_z.dtype)
+    if valid_s is not None:
+        out_z_r = torch.where(valid_s[:, None], out_z_r, _rows(out_z, b, t))
+    return out_r.to(out.dtype), out_z_r
+
+
+@_fused_small
+def _reset_grads(dout: Tensor, z: Tensor, du: Tensor, ddelta: Tensor, b: Tensor, t: Tensor, D: Optional[Tensor],
+                 u32: Tensor, u_new32: Tensor, pre: Tensor, dt_new: Tensor, valid_s: Optional[Tensor]):
+    """The scan reset's gradients at the starts (module docstring): du and ddelta there (in their dtypes), and the
+    terms to add to dD and ddelta_bias (None without D; the latter always returned)."""
+    g = _rows(dout, b, t).float() * F.silu(_rows(z, b, t).float())  # d L / d out (pre-gate)
+    du_k = _rows(du, b, t).float()
+    du_new = du_k
+    if D is not None:
+        du_new = du_new - D * g
+    dt_old = F.softplus(pre)
+    du_r = du_new * (dt_old / dt_new)
+    dD_add = None
+    if D is not None:
+        du_r = du_r + D * g
+        dD_add = (g * (u32 - u_new32)).sum(0)  # masked starts: u_new == u, a zero term
+    softplus_grad = torch.where(pre > 20.0, 1.0, torch.sigmoid(pre))
+    ddelta_r = du_new * u32 / dt_new * softplus_grad
+    ddelta_k = _rows(ddelta, b, t).float()
+    if valid_s is not None:  # masked starts keep the kernel's gradients (and add nothing below)
+        valid = valid_s[:, None]
+        du_r = torch.where(valid, du_r, du_k)
+        ddelta_r = torch.where(valid, ddelta_r, ddelta_k)
+    return du_r.to(du.dtype), ddelta_r.to(ddelta.dtype), dD_add, (ddelta_r - ddelta_k).sum(0)
+
+
+@_fused_small
+def _conv_fix_grads(g_conv: Tensor, valid_f: Optional[Tensor], pre_conv: Tensor, w_rev: Tensor, win_ok: Tensor,
+                    xw: Tensor, has_bias: bool):
+    """The fix-up columns' exact gradients: to their in-document window inputs (D, F*W), and the terms to add to
+    the conv weight (D, W, taps reversed back) and bias."""
+    g = g_conv.float() if valid_f is None else g_conv.float() * valid_f
+    sig = torch.sigmoid(pre_conv)
+    d_pre = g * sig * (1 + pre_conv * (1 - sig))  # (D, F)
+    dwin = (d_pre[:, :, None] * w_rev[:, None, :] * win_ok).flatten(1)  # (D, F*W)
+    dw_add = (d_pre[:, :, None] * xw).sum(1).flip(-1)
+    return dwin, dw_add, d_pre.sum(1) if has_bias else None
 
 
 def _linear_t(w: Tensor, x_t: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -307,13 +415,9 @@ class _Mamba1Inner(torch.autograd.Function):
             rs = _reset_inputs_(u, delta, A, dt_proj_bias, pk)  # u is the conv output: x_proj read it
         out, scan_x, out_z = selective_scan_cuda.fwd(u, delta, A, Bm, Cm, D, z, dt_proj_bias, True)[:3]
         if rs is not None and D is not None:  # the skip term D u at the starts (without D nothing to correct)
-            b_idx, t_idx = rs.b, rs.t
-            out_r = _rows(out, b_idx, t_idx).float() + D * (rs.u32 - rs.u_new32)
-            out[b_idx, :, t_idx] = out_r.to(out.dtype)  # the pre-gate output the backward's dz reads (masked: +0)
-            out_z_r = (out_r * F.silu(_rows(z, b_idx, t_idx).float())).to(out_z.dtype)
-            if pk.valid_s is not None:
-                out_z_r = torch.where(pk.valid_s[:, None], out_z_r, _rows(out_z, b_idx, t_idx))
-            out_z[b_idx, :, t_idx] = out_z_r
+            out_r, out_z_r = _skip_values(out, out_z, z, rs.b, rs.t, D, rs.u32, rs.u_new32, pk.valid_s)
+            out[rs.b, :, rs.t] = out_r  # the pre-gate output the backward's dz reads (masked: +0)
+            out_z[rs.b, :, rs.t] = out_z_r
         out_t = _mem(out_z).t()  # (B*L, D), a transposed view: cuBLAS reads it as is
         y = torch.addmm(out_b.to(dt), out_t, out_w.t()) if out_b is not None else out_t @ out_w.t()
 
@@ -360,30 +464,15 @@ class _Mamba1Inner(torch.autograd.Function):
             u, delta, A, Bm, Cm, D, z, dt_proj_bias, dout, scan_x, out, _bcl(dxz[d:], Bsz), True, True)[:9]
 
         if rs is not None:
-            b_idx, t_idx = rs.b, rs.t
-            g = _rows(dout, b_idx, t_idx).float() * F.silu(_rows(z, b_idx, t_idx).float())  # d L / d out (pre-gate)
-            du_k = _rows(du, b_idx, t_idx).float()
-            du_new = du_k
-            u_r = rs.u32
+            du_r, ddelta_r, dD_add, dbias_add = _reset_grads(dout, z, du, ddelta, rs.b, rs.t, D, rs.u32, rs.u_new32,
+                                                             rs.pre, rs.dt_new, pk.valid_s)
             if D is not None:
-                du_new = du_new - D * g
-            dt_old = F.softplus(rs.pre)
-            du_r = du_new * (dt_old / rs.dt_new)
-            if D is not None:
-                du_r = du_r + D * g
-                dD = dD + (g * (u_r - rs.u_new32)).sum(0)  # masked starts: u_new == u, a zero term
-            softplus_grad = torch.where(rs.pre > 20.0, 1.0, torch.sigmoid(rs.pre))
-            ddelta_r = du_new * u_r / rs.dt_new * softplus_grad
-            ddelta_k = _rows(ddelta, b_idx, t_idx).float()
-            if pk.valid_s is not None:  # masked starts keep the kernel's gradients (and add nothing below)
-                valid = pk.valid_s[:, None]
-                du_r = torch.where(valid, du_r, du_k)
-                ddelta_r = torch.where(valid, ddelta_r, ddelta_k)
+                dD = dD + dD_add
             if ddelta_bias is not None:
-                ddelta_bias = ddelta_bias + (ddelta_r - ddelta_k).sum(0)
-            du[b_idx, :, t_idx] = du_r.to(du.dtype)
-            ddelta[b_idx, :, t_idx] = ddelta_r.to(ddelta.dtype)
-            u[b_idx, :, t_idx] = rs.u_r  # undo the rewrite: x_proj's weight gradient reads the true conv output
+                ddelta_bias = ddelta_bias + dbias_add
+            du[rs.b, :, rs.t] = du_r
+            ddelta[rs.b, :, rs.t] = ddelta_r
+            u[rs.b, :, rs.t] = rs.u_r  # undo the rewrite: x_proj's weight gradient reads the true conv output
 
         d_out_w = dy2.t() @ _mem(out_z).t()
         d_out_b = dy2.sum(0) if out_b is not None else None
@@ -403,21 +492,19 @@ class _Mamba1Inner(torch.autograd.Function):
                 dconv_mem.index_fill_(1, pk.fcol, 0)
             else:
                 dconv_mem[:, pk.fcol] = torch.where(pk.valid_f, torch.zeros_like(g_conv), g_conv)
-            g_conv = g_conv.float() if pk.valid_f is None else g_conv.float() * pk.valid_f
         _, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(
             _bcl(x_mem, Bsz), conv_w, conv_bias, _bcl(dconv_mem, Bsz), None, None, None, _bcl(dxz[:d], Bsz),
             False, True)
         if fix:
-            sig = torch.sigmoid(pre_conv)
-            d_pre = g_conv * sig * (1 + pre_conv * (1 - sig))  # (D, F)
-            dwin = (d_pre[:, :, None] * w_rev[:, None, :] * pk.win_ok).flatten(1)  # (D, F*W)
+            dwin, dw_add, db_add = _conv_fix_grads(g_conv, pk.valid_f, pre_conv, w_rev, pk.win_ok, xw,
+                                                   dconv_b is not None)
             acc = torch.zeros(d, pk.ucol.numel(), device=dwin.device, dtype=torch.float32)
             acc.index_add_(1, pk.inv, dwin)
             dx_mem = dxz[:d]
             dx_mem[:, pk.ucol] = (dx_mem[:, pk.ucol].float() + acc).to(dx_mem.dtype)
-            dconv_w = dconv_w + (d_pre[:, :, None] * xw).sum(1).flip(-1).to(dconv_w.dtype).view_as(dconv_w)
+            dconv_w = dconv_w + dw_add.to(dconv_w.dtype).view_as(dconv_w)
             if dconv_b is not None:
-                dconv_b = dconv_b + d_pre.sum(1).to(dconv_b.dtype)
+                dconv_b = dconv_b + db_add.to(dconv_b.dtype)
         d_in_w = dxz @ h2
         d_in_b = dxz.sum(1) if in_b is not None else None
         dh = (dxz.t() @ in_w_c).view(Bsz, L, -1)
@@ -463,4 +550,4 @@ def mamba1_inner(hidden: Tensor, in_proj_weight: Tensor, in_proj_bias: Optional[
     return _Mamba1Inner.apply(hidden, *args)
 
 
-__all__ = ["mamba1_inner", "StaticPacking", "static_packing_for"]
+__all__ = ["mamba1_inner", "StaticPacking", "static_packing_for", "compile_failures"]
