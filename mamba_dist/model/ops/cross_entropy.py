@@ -97,7 +97,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_
     y = labels.reshape(-1)
     if h.shape[0] != y.shape[0]:
         raise ValueError(f"linear_cross_entropy: {h.shape[0]} hidden rows but {y.shape[0]} labels")
-    chunk = chunk_tokens or max(256, _CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    # with the Triton kernel a chunk holds only its logits in the compute dtype (no fp32 copy): twice the tokens
+    # in the same memory, and half the passes that add each chunk's weight gradient into the fp32 sum
+    budget = _CHUNK_ELEMENTS * (2 if xent_kernel.available_on(h.device) else 1)
+    chunk = chunk_tokens or max(256, budget // max(1, weight.shape[0]))
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk, compute_dtype, torch.is_grad_enabled())
 

@@ -483,7 +483,8 @@ class _Mamba1Inner(torch.autograd.Function):
         dx_dbl[r:r + N].view(N, Bsz, L).copy_(dB[:, 0].transpose(0, 1))  # dB has B's feature-major layout
         dx_dbl[r + N:].view(N, Bsz, L).copy_(dC[:, 0].transpose(0, 1))
         d_x_proj_w = dx_dbl @ conv_mem.t()
-        dconv_mem = torch.addmm(_mem(du), x_proj_w_c.t(), dx_dbl)  # du + W_x^T dx_dbl, (D, B*L)
+        # du + W_x^T dx_dbl, (D, B*L), in du's own buffer: addmm into a new tensor first copies du there
+        dconv_mem = _mem(du).addmm_(x_proj_w_c.t(), dx_dbl)
         if fix:
             g_conv = dconv_mem[:, pk.fcol]
             # the kernel's own (cross-document) gradient there is replaced below; index_fill_, not `= 0`: a Python

@@ -31,11 +31,14 @@ except ImportError:  # CPU installs: the torch twin runs instead
 _BLOCK = 4096  # vocabulary entries per iteration: 8 KB of bf16 per load, 13 iterations at a 50k vocabulary
 
 
+def available_on(device: torch.device) -> bool:
+    """Whether the kernel runs on this device (CUDA with Triton, or the Triton interpreter on CPU)."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def available(logits: Tensor) -> bool:
-    """Whether the kernel can run on these logits (CUDA with Triton, or the Triton interpreter on CPU)."""
-    if triton is None or logits.dim() != 2 or logits.stride(1) != 1:
-        return False
-    return logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernel can run on these logits (its device, and rows of unit stride)."""
+    return logits.dim() == 2 and logits.stride(1) == 1 and available_on(logits.device)
 
 
 if triton is not None:
