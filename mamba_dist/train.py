@@ -469,6 +469,30 @@ def build_training(model: torch.nn.Module, cfg: Config, derived: Derived, dims, 
 
 
 # ============================================================================================ the step
+def describe_levers(training, fused_ce: bool, device: torch.device) -> str:
+    """One line of the speed levers this run uses (logged at start): the step path, the loss, the mixers' fused
+    functions. What the auto switches picked is then in the run's log, not to be guessed from the config."""
+    from mamba_dist.model.mamba1 import Mamba
+    from mamba_dist.model.mamba2 import Mamba2
+    from mamba_dist.model.ops import xent_kernel
+
+    model = unwrap(training.model)
+    parts = [f"step {type(training).__name__}"]
+    if fused_ce:
+        parts.append("chunked lm_head + CE" + (" (Triton kernel)" if xent_kernel.available_on(device) else ""))
+    else:
+        parts.append("lm_head + CE on full logits")
+    fused = [m for m in model.modules() if isinstance(m, (Mamba, Mamba2)) and m.backend == "fused"]
+    inner = sum(1 for m in fused if m.use_inner_fn)
+    if fused:
+        name = "mamba1_inner" if isinstance(fused[0], Mamba) else "mamba_split_conv1d_scan_combined"
+        parts.append(f"{name} in {inner} of {len(fused)} mixers")
+        if inner and isinstance(fused[0], Mamba) and device.type == "cuda":
+            compiled = os.environ.get("MAMBA_DIST_COMPILE_FIXUPS", "1") != "0"
+            parts.append("reset bookkeeping " + ("torch.compile'd" if compiled else "eager"))
+    return "levers: " + ", ".join(parts)
+
+
 def use_fused_ce(cfg: Config, dims, device: torch.device) -> bool:
     """model.fused_ce: auto = on with CUDA at tp == 1 (TP has megatron's vocab-parallel loss instead)."""
     if cfg.model.fused_ce == "auto":
@@ -690,6 +714,7 @@ def train(cfg: Config, derived: Derived, resume: Optional[tuple[str, dict]] = No
                      "%d steps of %d tokens; %.3g training GFLOPs/token", cfg.model.mixer, n_params / 1e6,
                      getattr(unwrap(model), "backend", "?"), derived.world_size, dims.dp, dims.tp,
                      derived.grad_accum, derived.total_steps, cfg.train.global_batch_tokens, flops.train() / 1e9)
+            log.info("%s", describe_levers(training, fused_ce, device))
             if resume_from:
                 log.info("resumed from %s (step %d, %d tokens)", resume_from, prog.step, prog.tokens)
                 metrics.event(prog.step, "resume", checkpoint=resume_from)

@@ -52,6 +52,8 @@ def test_run_writes_config_metrics_tensorboard_checkpoints(tmp_path):
     assert sorted(os.listdir(run / "checkpoints" / "step_00000006")) == [
         "meta.json", "model.pt", "optim.pt", "rank00000.pt"]
     assert f"validation loss: first {val[0]:.4f} (step 0), last {val[6]:.4f} (step 6)" in proc.stdout
+    # what the auto switches picked is logged (CPU: the plain step, the loss on full logits, no fused mixers)
+    assert "levers: step TorchPath, lm_head + CE on full logits" in proc.stdout + proc.stderr
 
 
 def test_ddp_two_ranks_equals_one_process(tmp_path):
