@@ -216,8 +216,14 @@ def run_ours(cfg, derived, args) -> dict:
             return T.train_step(training, [batches[i % len(batches)]], dims, True, fused_ce)
 
         times, warm = _time(step, args.warmup, args.steps)
+        from mamba_dist.model.ops.fused_mamba1 import compile_failures
+
+        # what the auto switches picked, and whether any compiled helper fell back to eager (printed with the row)
+        levers = T.describe_levers(training, fused_ce, device)
+        if compile_failures():
+            levers += f"; torch.compile failed for {', '.join(compile_failures())} (eager)"
         row = {"n_params": n_params, "times": times, "warmup_s": warm,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "fused_ce": fused_ce}
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "fused_ce": fused_ce, "levers": levers}
         if args.profile:
             row["profile"] = _profile(step, args.warmup + args.steps, 3,
                                       os.path.join(args.profile, f"{args.name}-ours.txt"))
@@ -239,7 +245,8 @@ def _summary(name: str, who: str, r: dict, cfg, args, peak: float) -> dict:
             "tflops_6n": 6 * r["n_params"] * tok_s / 1e12, "tflops_ssm": ssm * tok_s / 1e12,
             "mfu": ssm * tok_s / peak, "params_M": r["n_params"] / 1e6, "warmup_s": r["warmup_s"],
             **({"profile": r["profile"]} if "profile" in r else {}),
-            **({"fused_ce": r["fused_ce"]} if "fused_ce" in r else {})}
+            **({"fused_ce": r["fused_ce"]} if "fused_ce" in r else {}),
+            **({"levers": r["levers"]} if "levers" in r else {})}
 
 
 def _fmt(s: dict) -> str:
@@ -283,6 +290,8 @@ def main(argv=None) -> int:
                 got[who]["ratio"] = got[who]["tokens_per_s"] / got["anchor"]["tokens_per_s"]
                 got[who]["mem_ratio"] = got[who]["peak_gib"] / got["anchor"]["peak_gib"]
             print(_fmt(got[who]), flush=True)
+            if "levers" in got[who]:
+                print(f"{'':<8} {who:<7} {got[who]['levers']}", flush=True)
             if "profile" in got[who]:
                 print(f"{'':<8} {who:<7} profile: {got[who]['profile']}", flush=True)
             rows.append(got[who])
