@@ -3,9 +3,9 @@
 ops/cross_entropy.py computes each chunk's logits (tokens x 50k vocabulary, bf16) and needs, per row, the loss
 lse - logit[target] and the gradient scale * (softmax - onehot). In torch's own kernels that is three passes:
 log_softmax reads the bf16 logits and writes fp32 (twice their size), exp_ reads and writes that, one multiply reads
-it and writes the bf16 gradient: about 8 bytes read or written per logit and per pass pair, 21 GB a step at
-8 x 2048 tokens. Here one program per row reads the row twice (an online max / sum of exponentials, then the
-gradient) and writes it once, in the logits' own dtype: 6 bytes per logit, no fp32 buffer. The arithmetic is fp32
+it and writes the bf16 gradient: about 20 bytes moved per logit, ~17 GB a step at 8 x 2048 tokens and a 50k
+vocabulary. Here one program per row reads the row twice (an online max / sum of exponentials, then the gradient)
+and writes it once, in the logits' own dtype: 6 bytes per logit (~5 GB), no fp32 buffer. The arithmetic is fp32
 as in the torch path; the two differ only in rounding (the sum's order), which tests/test_cross_entropy.py bounds.
 
 liger-kernel's LigerCrossEntropyFunction does the same per-row work (it also writes the gradient over its input).
