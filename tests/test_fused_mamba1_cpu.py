@@ -367,3 +367,35 @@ def test_static_packing_capacity():
     many = seq_idx_from_lengths([[1] * L] * 8)
     assert not pk.fill_(many)
     assert pk.fill_(seq_idx)
+
+
+# --------------------------------------------------------------------------------------------- compiled bookkeeping
+# On CUDA the reset bookkeeping runs through torch.compile (fused_mamba1._fused_small). The same functions compiled
+# for CPU tensors (inductor's C++ backend) must give what they give eagerly, in bf16 autocast as training runs: a
+# compiler that keeps a rounded value unrounded (the reset dt, the stored u_new) would break the reset's exactness.
+
+@pytest.mark.slow
+def test_compiled_bookkeeping_equals_eager(emulated_kernels, monkeypatch):
+    torch.manual_seed(6)
+    w = _weights(seed=6, proj_bias=True)
+    seq_idx = seq_idx_from_lengths(LAYOUTS)
+    h, wout = torch.randn(len(LAYOUTS), L, D_MODEL), torch.randn(len(LAYOUTS), L, D_MODEL)
+
+    def run(static):
+        fused_mamba1._packing_cache[0] = None
+        if static:
+            fused_mamba1.StaticPacking.sized_for(seq_idx, 4, "cpu").bind(seq_idx)
+            fused_mamba1._packing_cache[0][3].fill_(seq_idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _run(fused_mamba1.mamba1_inner, h.bfloat16(), w, seq_idx, wout)
+
+    for static in (False, True):  # exact-size packing (no masks), and a padded StaticPacking (masked)
+        y_e, g_e = run(static)
+        monkeypatch.setattr(fused_mamba1, "_COMPILE_ON_CPU", True)
+        y_c, g_c = run(static)
+        monkeypatch.setattr(fused_mamba1, "_COMPILE_ON_CPU", False)
+        assert fused_mamba1.compile_failures() == []
+        assert all(st["compiled"] is not None for st in fused_mamba1._COMPILED_SMALL.values())  # all five ran
+        assert rel(y_c, y_e) <= 1e-6, rel(y_c, y_e)
+        for k in g_e:
+            assert rel(g_c[k], g_e[k]) <= 1e-5, (k, rel(g_c[k], g_e[k]))

@@ -211,7 +211,8 @@ def _fused_small(fn):
     state = {"compiled": None, "failed": False}
 
     def call(*args):
-        if (not state["failed"] and args[0].is_cuda and os.environ.get("MAMBA_DIST_COMPILE_FIXUPS", "1") != "0"):
+        if (not state["failed"] and (args[0].is_cuda or _COMPILE_ON_CPU)
+                and os.environ.get("MAMBA_DIST_COMPILE_FIXUPS", "1") != "0"):
             if state["compiled"] is None:
                 state["compiled"] = torch.compile(fn, dynamic=None)
             try:
@@ -228,6 +229,7 @@ def _fused_small(fn):
 
 
 _COMPILED_SMALL: dict = {}
+_COMPILE_ON_CPU = False  # tests: the same compiled path on CPU tensors (inductor's C++ backend)
 
 
 def compile_failures() -> list:
