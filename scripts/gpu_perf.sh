@@ -6,7 +6,7 @@
 #   here:       bash ../shared/gpu/stage-kernels train      # mamba-ssm, causal-conv1d, megatron-core into .kernels/
 #   device run: source .kernels/use-kernels; bash scripts/gpu_perf.sh        carry: [".kernels", ".triton-autotune"]
 # Environment: GPU_TEST_K (pytest -k of the tests to run first; empty: none), GPU_TESTS (their files; default the
-# speed levers' tests/test_gpu_fused*.py and tests/test_gpu_train_step.py), GPU_TEST_TIMEOUT (s, default 240),
+# speed levers' tests/test_gpu_fused*.py, tests/test_gpu_train_step.py and the CE kernel's tests/test_cross_entropy.py), GPU_TEST_TIMEOUT (s, default 240),
 # BENCH_ARGS (extra arguments of bench_vs_mamba_ssm.py, e.g. "--sizes m1-130m m2-130m"), BENCH_TIMEOUT (s, 480).
 # Triton autotuning results are kept (TRITON_CACHE_AUTOTUNING=1) and come back as $OUT/autotune.tgz; unpacked
 # into .triton-autotune/ here, the next call reuses them instead of autotuning the Mamba-2 kernels for minutes.
@@ -22,7 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 rc=0
 if [[ -n ${GPU_TEST_K:-} ]]; then
   TRITON_F32_DEFAULT=ieee timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -q -s -p no:cacheprovider -m gpu \
-    -k "$GPU_TEST_K" ${GPU_TESTS:-$(ls tests/test_gpu_fused*.py tests/test_gpu_train_step.py)} 2>&1 | tee "$out/pytest.log" \
+    -k "$GPU_TEST_K" ${GPU_TESTS:-$(ls tests/test_gpu_fused*.py tests/test_gpu_train_step.py tests/test_cross_entropy.py)} \
+    2>&1 | tee "$out/pytest.log" \
     | grep -E "^(ERR|BF16|TIME) |passed|failed|error|Error|FAILED" | grep -vE "^TIME"
   rc=${PIPESTATUS[0]}
   echo "pytest rc $rc"
