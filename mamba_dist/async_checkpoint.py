@@ -27,9 +27,10 @@ from mamba_dist import checkpoint as ckpt
 
 class Staging:
     """The host buffers snapshots are copied into, kept from one save to the next: one uint8 buffer per distinct
-    storage, in the order the state is walked (the same at every save of a run). Pinning the memory afresh at each
-    save (cudaHostAlloc of every buffer) is most of a save's stall: 2.2 s for a 370M model's 4.46 GB on an H200,
-    where the copies themselves move at tens of GB/s. The cost: the host memory of one checkpoint stays allocated.
+    storage, in the order the state is walked (the same at every save of a run). An async save of a 370M model's
+    4.46 GB stalled the loop 2.2 s on an H200, where the device-to-host copies alone move tens of GB/s: allocating
+    and pinning the buffers afresh (cudaHostAlloc of each) is the likely bulk, and is paid once this way (not yet
+    measured). The cost: the host memory of one checkpoint stays allocated.
     A buffer may be reused only once the previous save's writer is done with it (AsyncCheckpointer.start waits)."""
 
     def __init__(self):
