@@ -36,24 +36,16 @@ class Staging:
     def __init__(self):
         self.buffers: list[torch.Tensor] = []
         self.next = 0
-        self.reused = 0  # buffers taken from the previous save in the last snapshot (reported by tests, benches)
 
     def begin(self) -> None:
-        self.next, self.reused = 0, 0
+        self.next = 0
 
     def take(self, nbytes: int, pin: bool) -> torch.Tensor:
         i, self.next = self.next, self.next + 1
-        if i < len(self.buffers):
-            buf = self.buffers[i]
-            if buf.numel() == nbytes and buf.is_pinned() == pin:
-                self.reused += 1
-                return buf
-        buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=pin)
-        if i < len(self.buffers):
-            self.buffers[i] = buf
-        else:
-            self.buffers.append(buf)
-        return buf
+        if i < len(self.buffers) and self.buffers[i].numel() == nbytes and self.buffers[i].is_pinned() == pin:
+            return self.buffers[i]
+        self.buffers[i:i + 1] = [torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=pin)]
+        return self.buffers[i]
 
 
 def snapshot(obj: Any, pin: bool, memo: Optional[dict] = None, staging: Optional[Staging] = None) -> Any:

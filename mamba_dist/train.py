@@ -391,8 +391,10 @@ class CudaGraphPath(TorchPath):
 
     def _capture(self, batch: tuple, grad_accum: int, amp: bool, fused_ce: bool) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        kept = ([p.grad.clone() if p.grad is not None else None for p in params]  # mid-accumulation: restored
-                if grad_accum > 1 else [None] * len(params))
+        # one micro-batch per step: every capture comes first in its step, so nothing is mid-accumulation (the
+        # buffers may hold the previous replay's gradients: stale); with accumulation the sums so far are kept
+        self.graph_writes_grads = grad_accum == 1
+        kept = [] if self.graph_writes_grads else [p.grad.clone() if p.grad is not None else None for p in params]
         self.static_batch = [x.clone() for x in batch]
         from mamba_dist.model.ops.fused_mamba1 import static_packing_for
 
@@ -406,18 +408,13 @@ class CudaGraphPath(TorchPath):
             for _ in range(self.WARMUP):
                 TorchPath.forward_backward(self, self.static_batch, grad_accum, amp, fused_ce)
         torch.cuda.current_stream().wait_stream(side)
-        # one micro-batch per step: every capture comes first in its step, so nothing is mid-accumulation (the
-        # buffers may hold the previous replay's gradients: stale, and dropped here)
-        self.graph_writes_grads = grad_accum == 1
-        for p, g in zip(params, kept):
-            if self.graph_writes_grads:  # captured as the backward's outputs (AccumulateGrad takes them as .grad)
+        if self.graph_writes_grads:  # captured as the backward's outputs (AccumulateGrad takes them as .grad)
+            for p in params:
                 p.grad = None
-                continue
-            # the graph accumulates into these buffers; start from the kept sums
+        for p, g in zip(params, kept):  # the graph accumulates into these buffers; start from the kept sums
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(g) if g is not None else p.grad.zero_()
-        self.graph = None  # the previous graph's pool (and gradients) can go before the new capture
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_loss = TorchPath.forward_backward(self, self.static_batch, grad_accum, amp, fused_ce)
@@ -487,9 +484,10 @@ def describe_levers(training, fused_ce: bool, device: torch.device) -> str:
     if fused:
         name = "mamba1_inner" if isinstance(fused[0], Mamba) else "mamba_split_conv1d_scan_combined"
         parts.append(f"{name} in {inner} of {len(fused)} mixers")
-        if inner and isinstance(fused[0], Mamba) and device.type == "cuda":
-            compiled = os.environ.get("MAMBA_DIST_COMPILE_FIXUPS", "1") != "0"
-            parts.append("reset bookkeeping " + ("torch.compile'd" if compiled else "eager"))
+        if inner and isinstance(fused[0], Mamba):
+            from mamba_dist.model.ops.fused_mamba1 import compile_enabled
+
+            parts.append("reset bookkeeping " + ("torch.compile'd" if compile_enabled(device) else "eager"))
     return "levers: " + ", ".join(parts)
 
 

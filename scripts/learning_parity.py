@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
                 finals[who].append(final(curves[key]))
                 print(f"{key:<24} {time.perf_counter() - t:6.1f} s  loss every 25 steps: "
                       + " ".join(f"{x:.3f}" for x in curves[key][::25]), flush=True)
-        a, o = (sum(finals[w]) / len(finals[w]) for w in ("anchor", "ours"))
+        a, o = statistics.mean(finals["anchor"]), statistics.mean(finals["ours"])
         rel = abs(o - a) / a
         # how far apart the anchor's own runs end: a tolerance below it measures the noise, not our step
         spread = (max(finals["anchor"]) - min(finals["anchor"])) / a
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
         row = {"size": name, "anchor_final": a, "ours_final": o, "rel_diff": rel, "pass": passed,
                "finals": finals, "anchor_spread": spread if args.repeats > 1 else None}
         if not args.no_resets_run:
-            row["ours_resets_final"] = sum(finals["ours+resets"]) / args.repeats
+            row["ours_resets_final"] = statistics.mean(finals["ours+resets"])
         rows.append(row)
         mean = f"mean over {args.repeats} runs of " if args.repeats > 1 else ""
         print(f"{name}: final loss ({mean}the last 10 steps' mean) anchor {a:.4f}, ours {o:.4f} "

@@ -211,8 +211,7 @@ def _fused_small(fn):
     state = {"compiled": None, "failed": False}
 
     def call(*args):
-        if (not state["failed"] and (args[0].is_cuda or _COMPILE_ON_CPU)
-                and os.environ.get("MAMBA_DIST_COMPILE_FIXUPS", "1") != "0"):
+        if not state["failed"] and compile_enabled(args[0].device):
             if state["compiled"] is None:
                 state["compiled"] = torch.compile(fn, dynamic=None)
             try:
@@ -230,6 +229,12 @@ def _fused_small(fn):
 
 _COMPILED_SMALL: dict = {}
 _COMPILE_ON_CPU = False  # tests: the same compiled path on CPU tensors (inductor's C++ backend)
+
+
+def compile_enabled(device: torch.device) -> bool:
+    """Whether the packing helpers run through torch.compile on this device (CUDA, unless
+    MAMBA_DIST_COMPILE_FIXUPS=0; a helper whose compilation failed runs eagerly regardless)."""
+    return (device.type == "cuda" or _COMPILE_ON_CPU) and os.environ.get("MAMBA_DIST_COMPILE_FIXUPS", "1") != "0"
 
 
 def compile_failures() -> list:
@@ -553,4 +558,4 @@ def mamba1_inner(hidden: Tensor, in_proj_weight: Tensor, in_proj_bias: Optional[
     return _Mamba1Inner.apply(hidden, *args)
 
 
-__all__ = ["mamba1_inner", "StaticPacking", "static_packing_for", "compile_failures"]
+__all__ = ["mamba1_inner", "StaticPacking", "static_packing_for", "compile_enabled", "compile_failures"]
