@@ -87,9 +87,11 @@ for dtype in (torch.bfloat16, torch.float32):
         ulp = torch.finfo(dtype).eps
         err = (got.float() - want_g).abs()
         assert bool((err <= ulp * want_g.abs() + 1e-6).all()), float(err.max())
-        if dev == "cuda":
+        if dev == "cuda" and dtype != torch.float32:
+            # not truncated: torch's own rounding but where the fp32 values differ (fp32 itself is not compared
+            # bit for bit: the GPU's exp is not torch's, so most fp32 values differ in their last bits)
             same = (got == want_g.to(dtype)).float().mean().item()
-            assert same > 0.99, same  # not truncated: torch's own rounding but where the fp32 values differ
+            assert same > 0.99, same
         assert got[1].abs().max() == 0
         same = logits.clone()
         K.xent_rows_(same, target, scale, write_grad=False)
