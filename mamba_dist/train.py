@@ -484,10 +484,14 @@ def describe_levers(training, fused_ce: bool, device: torch.device) -> str:
     if fused:
         name = "mamba1_inner" if isinstance(fused[0], Mamba) else "mamba_split_conv1d_scan_combined"
         parts.append(f"{name} in {inner} of {len(fused)} mixers")
-        if inner and isinstance(fused[0], Mamba):
+        if inner:
+            from mamba_dist.model.ops import fused_mamba2
             from mamba_dist.model.ops.fused_mamba1 import compile_enabled
 
-            parts.append("reset bookkeeping " + ("torch.compile'd" if compile_enabled(device) else "eager"))
+            if isinstance(fused[0], Mamba2):
+                parts.append("conv " + ("without seq_idx + fix-ups" if fused_mamba2.enabled() else "with seq_idx"))
+            if isinstance(fused[0], Mamba) or fused_mamba2.enabled():
+                parts.append("reset bookkeeping " + ("torch.compile'd" if compile_enabled(device) else "eager"))
     return "levers: " + ", ".join(parts)
 
 

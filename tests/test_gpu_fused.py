@@ -114,6 +114,49 @@ def test_causal_conv1d(C):
     check(f"conv C={C} fp32", errors, dict.fromkeys(errors, TOL_FP32))
 
 
+@pytest.mark.parametrize("packing", ["exact", "static"])
+def test_mamba2_conv_fast_path_equals_the_seq_idx_kernel(packing):
+    """ops/fused_mamba2.py: causal_conv1d without seq_idx plus the fix-ups == the kernel with seq_idx, at the 130M
+    Mamba-2 conv shape (8 x 2048, 1,792 channels, a strided channel-last slice as the combined function hands in),
+    4 documents in most rows, starts inside the first window in one; fp32 and bf16 inputs. Prints both times."""
+    from causal_conv1d.cpp_functions import causal_conv1d_bwd_function as bwd, causal_conv1d_fwd_function as fwd
+    from torch.utils import benchmark
+
+    from mamba_dist.model.ops import fused_mamba1, fused_mamba2
+
+    Bsz, L, C, W = 8, 2048, 1792, 4
+    seq_idx = seq_idx_from_lengths([[1, 2, 3, 2042]] + [[300, 700, 1000, 48]] * 7, device=DEV)
+    seq32 = fused_mamba2.seq_idx_int32(seq_idx)
+    fused_mamba1._packing_cache[0] = fused_mamba2._registered[0] = None
+    if packing == "static":
+        sp = fused_mamba1.StaticPacking.sized_for(seq_idx, W, DEV)
+        assert sp.fill_(seq_idx)
+        sp.bind(seq_idx)
+    fused_mamba2.register(seq32, seq_idx, W)
+    g = torch.Generator(DEV).manual_seed(0)
+    w = torch.randn(C, W, device=DEV, generator=g) * 0.5
+    b = torch.randn(C, device=DEV, generator=g)
+    for dtype, tol in ((torch.float32, TOL_DOCS), (torch.bfloat16, 1e-3)):
+        x = torch.randn(Bsz, L, C + 256, device=DEV, generator=g).to(dtype)[..., 128:128 + C].transpose(1, 2)
+        dout = torch.randn(Bsz, L, C, device=DEV, generator=g).to(dtype)
+
+        def run(fast):
+            d = dout.clone().transpose(1, 2)
+            if fast:
+                return (fused_mamba2.conv_fwd(fwd, x, w, b, seq32, None, None, True),
+                        *fused_mamba2.conv_bwd(bwd, x, w, b, d, seq32, None, None, None, False, True)[:3])
+            return fwd(x, w, b, seq32, None, None, True), *bwd(x, w, b, d, seq32, None, None, None, False, True)[:3]
+
+        got, want = run(True), run(False)
+        errors = {n: rel(a, e) for n, a, e in zip(("out", "dx", "dweight", "dbias"), got, want)}
+        check(f"mamba2 conv fast path {packing} {str(dtype)[6:]}", errors, dict.fromkeys(errors, tol))
+        if packing == "exact" and dtype == torch.bfloat16:
+            for fast in (False, True):
+                t = benchmark.Timer("run(fast)", globals={"run": run, "fast": fast}).blocked_autorange(min_run_time=1)
+                way = "fast path + fix-ups" if fast else "seq_idx kernel"
+                print(f"TIME | Mamba-2 conv fwd+bwd 8x2048x{C} bf16 | {way} | {t.median * 1e3:.3f} ms")
+
+
 def _scan_inputs(mode):
     torch.manual_seed(0)
     Bsz, Dm, N, L = len(SCAN_LAYOUTS), 32, 16, SCAN_L

@@ -180,13 +180,21 @@ def mamba2_inner(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor
     (its `use_mem_eff_path`): conv (+ seq_idx restarts) -> SSD scan -> gated RMSNorm -> out_proj, with the conv
     output and the norm's output recomputed in backward instead of saved (about 0.28 GB a layer at the 1.3B shape,
     8 x 2048 tokens). zxbcdt (B, L, d_in_proj): in_proj's output; conv_weight (C, 1, W) or (C, W); D (H,) with
-    headdim, or (H, P) with headdim None; rmsnorm_weight None: z gates inside the scan. -> (B, L, d_model)."""
-    from mamba_ssm.ops.triton.ssd_combined import mamba_split_conv1d_scan_combined
+    headdim, or (H, P) with headdim None; rmsnorm_weight None: z gates inside the scan. -> (B, L, d_model).
+    With seq_idx the conv takes causal_conv1d's fast path (no seq_idx in that kernel, exact fix-ups at the document
+    starts: ops/fused_mamba2.py) unless MAMBA_DIST_CONV_FIXUPS=0; the SSD scan gets seq_idx either way."""
+    from mamba_ssm.ops.triton import ssd_combined
+
+    from . import fused_mamba2
 
     if seq_idx is not None:
-        seq_idx = seq_idx.to(torch.int32).contiguous()
+        seq32 = fused_mamba2.seq_idx_int32(seq_idx)
+        if fused_mamba2.enabled():  # the conv without seq_idx, exact fix-ups at the document starts
+            fused_mamba2.install(ssd_combined)
+            fused_mamba2.register(seq32, seq_idx, conv_weight.shape[-1])
+        seq_idx = seq32
     extra = {} if tuple(dt_limit) == (0.0, float("inf")) else {"dt_limit": tuple(dt_limit)}
-    return mamba_split_conv1d_scan_combined(
+    return ssd_combined.mamba_split_conv1d_scan_combined(
         zxbcdt, conv_weight.reshape(conv_weight.shape[0], conv_weight.shape[-1]), conv_bias, dt_bias.float(),
         A.float(), D.float(), chunk_size, seq_idx=seq_idx, activation="silu", rmsnorm_weight=rmsnorm_weight,
         rmsnorm_eps=rmsnorm_eps, outproj_weight=out_proj_weight, outproj_bias=out_proj_bias, headdim=headdim,

@@ -176,16 +176,20 @@ class StaticPacking(_Packing):
 
 
 def static_packing_for(model: torch.nn.Module, seq_idx: Optional[Tensor]) -> Optional[StaticPacking]:
-    """A StaticPacking sized for this batch (on its device) if the model runs fused Mamba-1 mixers through
-    mamba1_inner and the batch is packed; None otherwise (nothing to capture for them)."""
+    """A StaticPacking sized for this batch (on its device) if the model runs fused mixers that fix up their conv
+    at document starts (Mamba-1 through mamba1_inner; Mamba-2 through mamba2_inner with the conv fast path of
+    ops/fused_mamba2.py) and the batch is packed; None otherwise (nothing to capture for them)."""
     from ..mamba1 import Mamba
+    from ..mamba2 import Mamba2
+    from .fused_mamba2 import enabled as mamba2_fixups
 
+    fixes_conv = (Mamba, Mamba2) if mamba2_fixups() else (Mamba,)
     widths = {m.d_conv for m in model.modules()
-              if isinstance(m, Mamba) and m.backend == "fused" and m.use_inner_fn}
+              if isinstance(m, fixes_conv) and m.backend == "fused" and m.use_inner_fn}
     if seq_idx is None or not widths:
         return None
     if len(widths) > 1:
-        raise ValueError(f"Mamba-1 mixers with different conv widths {sorted(widths)} cannot share one packing")
+        raise ValueError(f"mixers with different conv widths {sorted(widths)} cannot share one packing")
     return StaticPacking.sized_for(seq_idx, widths.pop(), seq_idx.device)
 
 
@@ -378,6 +382,33 @@ def _conv_fix_grads(g_conv: Tensor, valid_f: Optional[Tensor], pre_conv: Tensor,
     return dwin, dw_add, d_pre.sum(1) if has_bias else None
 
 
+def _take_fix_grads_(dconv_mem: Tensor, pk: _Packing) -> Tensor:
+    """The incoming gradient at the fix-up columns (D, F), zeroed there in dconv_mem: the conv kernel's own
+    (cross-document) backward of those outputs is replaced by _add_fix_grads_. index_fill_, not `= 0`: a Python
+    scalar in __setitem__ becomes a host tensor copied to the GPU, a sync per layer. Padding keeps its value."""
+    g_conv = dconv_mem[:, pk.fcol]
+    if pk.valid_f is None:
+        dconv_mem.index_fill_(1, pk.fcol, 0)
+    else:
+        dconv_mem[:, pk.fcol] = torch.where(pk.valid_f, torch.zeros_like(g_conv), g_conv)
+    return g_conv
+
+
+def _add_fix_grads_(dx_mem: Tensor, dconv_w: Tensor, dconv_b: Optional[Tensor], g_conv: Tensor, pk: _Packing,
+                    pre_conv: Tensor, w_rev: Tensor, xw: Tensor):
+    """Add the fix-up columns' exact gradients (from g_conv, taken by _take_fix_grads_) to the conv input's
+    gradient dx_mem (D, B*L, in place, summed in fp32 per distinct window column) and to the conv weight and bias
+    gradients; returns (dconv_w, dconv_b)."""
+    dwin, dw_add, db_add = _conv_fix_grads(g_conv, pk.valid_f, pre_conv, w_rev, pk.win_ok, xw, dconv_b is not None)
+    acc = torch.zeros(dx_mem.shape[0], pk.ucol.numel(), device=dwin.device, dtype=torch.float32)
+    acc.index_add_(1, pk.inv, dwin)
+    dx_mem[:, pk.ucol] = (dx_mem[:, pk.ucol].float() + acc).to(dx_mem.dtype)
+    dconv_w = dconv_w + dw_add.to(dconv_w.dtype).view_as(dconv_w)
+    if dconv_b is not None:
+        dconv_b = dconv_b + db_add.to(dconv_b.dtype)
+    return dconv_w, dconv_b
+
+
 def _linear_t(w: Tensor, x_t: Tensor, bias: Optional[Tensor]) -> Tensor:
     """(W x^T) with x^T given feature-major: (out, in) @ (in, n) [+ bias per row] -> (out, n)."""
     return torch.addmm(bias[:, None], w, x_t) if bias is not None else w @ x_t
@@ -492,27 +523,12 @@ class _Mamba1Inner(torch.autograd.Function):
         d_x_proj_w = dx_dbl @ conv_mem.t()
         # du + W_x^T dx_dbl, (D, B*L), in du's own buffer: addmm into a new tensor first copies du there
         dconv_mem = _mem(du).addmm_(x_proj_w_c.t(), dx_dbl)
-        if fix:
-            g_conv = dconv_mem[:, pk.fcol]
-            # the kernel's own (cross-document) gradient there is replaced below; index_fill_, not `= 0`: a Python
-            # scalar in __setitem__ becomes a host tensor copied to the GPU, a sync per layer
-            if pk.valid_f is None:
-                dconv_mem.index_fill_(1, pk.fcol, 0)
-            else:
-                dconv_mem[:, pk.fcol] = torch.where(pk.valid_f, torch.zeros_like(g_conv), g_conv)
+        g_conv = _take_fix_grads_(dconv_mem, pk) if fix else None
         _, dconv_w, dconv_b, _ = causal_conv1d_bwd_function(
             _bcl(x_mem, Bsz), conv_w, conv_bias, _bcl(dconv_mem, Bsz), None, None, None, _bcl(dxz[:d], Bsz),
             False, True)
         if fix:
-            dwin, dw_add, db_add = _conv_fix_grads(g_conv, pk.valid_f, pre_conv, w_rev, pk.win_ok, xw,
-                                                   dconv_b is not None)
-            acc = torch.zeros(d, pk.ucol.numel(), device=dwin.device, dtype=torch.float32)
-            acc.index_add_(1, pk.inv, dwin)
-            dx_mem = dxz[:d]
-            dx_mem[:, pk.ucol] = (dx_mem[:, pk.ucol].float() + acc).to(dx_mem.dtype)
-            dconv_w = dconv_w + dw_add.to(dconv_w.dtype).view_as(dconv_w)
-            if dconv_b is not None:
-                dconv_b = dconv_b + db_add.to(dconv_b.dtype)
+            dconv_w, dconv_b = _add_fix_grads_(dxz[:d], dconv_w, dconv_b, g_conv, pk, pre_conv, w_rev, xw)
         d_in_w = dxz @ h2
         d_in_b = dxz.sum(1) if in_b is not None else None
         dh = (dxz.t() @ in_w_c).view(Bsz, L, -1)
