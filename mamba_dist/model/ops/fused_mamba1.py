@@ -372,12 +372,14 @@ def _reset_grads(dout: Tensor, z: Tensor, du: Tensor, ddelta: Tensor, b: Tensor,
 @_fused_small
 def _conv_fix_grads(g_conv: Tensor, valid_f: Optional[Tensor], pre_conv: Tensor, w_rev: Tensor, win_ok: Tensor,
                     xw: Tensor, has_bias: bool):
-    """The fix-up columns' exact gradients: to their in-document window inputs (D, F*W), and the terms to add to
-    the conv weight (D, W, taps reversed back) and bias."""
+    """The fix-up columns' exact gradients: to their in-document window inputs, (F*W, D) (one contiguous row per
+    window entry, so that summing them per distinct column is a coalesced index_add_ over rows: along the columns
+    of a (D, U) matrix it took ~53 us a layer at 1.4B), and the terms to add to the conv weight (D, W, taps
+    reversed back) and bias."""
     g = g_conv.float() if valid_f is None else g_conv.float() * valid_f
     sig = torch.sigmoid(pre_conv)
     d_pre = g * sig * (1 + pre_conv * (1 - sig))  # (D, F)
-    dwin = (d_pre[:, :, None] * w_rev[:, None, :] * win_ok).flatten(1)  # (D, F*W)
+    dwin = (d_pre[:, :, None] * w_rev[:, None, :] * win_ok).flatten(1).t().contiguous()  # (F*W, D)
     dw_add = (d_pre[:, :, None] * xw).sum(1).flip(-1)
     return dwin, dw_add, d_pre.sum(1) if has_bias else None
 
@@ -400,9 +402,9 @@ def _add_fix_grads_(dx_mem: Tensor, dconv_w: Tensor, dconv_b: Optional[Tensor], 
     gradient dx_mem (D, B*L, in place, summed in fp32 per distinct window column) and to the conv weight and bias
     gradients; returns (dconv_w, dconv_b)."""
     dwin, dw_add, db_add = _conv_fix_grads(g_conv, pk.valid_f, pre_conv, w_rev, pk.win_ok, xw, dconv_b is not None)
-    acc = torch.zeros(dx_mem.shape[0], pk.ucol.numel(), device=dwin.device, dtype=torch.float32)
-    acc.index_add_(1, pk.inv, dwin)
-    dx_mem[:, pk.ucol] = (dx_mem[:, pk.ucol].float() + acc).to(dx_mem.dtype)
+    acc = torch.zeros(pk.ucol.numel(), dx_mem.shape[0], device=dwin.device, dtype=torch.float32)
+    acc.index_add_(0, pk.inv, dwin)
+    dx_mem[:, pk.ucol] = (dx_mem[:, pk.ucol].float() + acc.t()).to(dx_mem.dtype)
     dconv_w = dconv_w + dw_add.to(dconv_w.dtype).view_as(dconv_w)
     if dconv_b is not None:
         dconv_b = dconv_b + db_add.to(dconv_b.dtype)
