@@ -10,6 +10,7 @@
 # BENCH_ARGS (extra arguments of bench_vs_mamba_ssm.py, e.g. "--sizes m1-130m m2-130m"), BENCH_TIMEOUT (s, 480).
 # Triton autotuning results are kept (TRITON_CACHE_AUTOTUNING=1) and come back as $OUT/autotune.tgz; unpacked
 # into .triton-autotune/ here, the next call reuses them instead of autotuning the Mamba-2 kernels for minutes.
+# .triton-autotune/autotune.tgz is tracked in git (16 KB), so a fresh checkout starts from the last results.
 set -uo pipefail
 out=${OUT:-gpu_perf_out}
 mkdir -p "$out"
